@@ -1,0 +1,155 @@
+"""Datalist loading and checking, and batch preparation for the synthesis engines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["DatalistError", "PrepareSourceTarget", "check_datalist", "check_run_dirs", "latest_checkpoint", "load_datalist"]
+
+logger = logging.getLogger(__name__)
+
+
+class DatalistError(ValueError):
+    """A datalist names a missing, unreadable or inconsistent file; the message lists every problem found."""
+
+
+def load_datalist(datalist: str | os.PathLike, section: str, base_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Read ``section`` (``training``/``validation``/``test``) of a MONAI datalist JSON, with absolute paths.
+
+    Relative paths are resolved against ``base_dir`` (default: the datalist's folder). Non-path entries
+    (``subject``) are kept as they are.
+    """
+    path = Path(datalist)
+    if not path.is_file():
+        raise DatalistError(f"datalist {str(path)!r} does not exist (generate the phantom or point 'datalist' to a file).")
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DatalistError(f"datalist {str(path)!r} is not valid JSON: {e}") from None
+    if section not in content:
+        raise DatalistError(f"datalist {str(path)!r} has no {section!r} list (found: {sorted(content)}).")
+    items = content[section]
+    if not isinstance(items, list) or not items:
+        raise DatalistError(f"datalist {str(path)!r}: the {section!r} list is empty.")
+    base = Path(base_dir) if base_dir is not None else path.parent
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise DatalistError(f"datalist {str(path)!r}: {section}[{i}] should be a dict of paths, got {item!r}.")
+        out.append({k: (str(base / v) if isinstance(v, str) and k != "subject" else v) for k, v in item.items()})
+        out[-1].setdefault("subject", Path(item.get("source", f"{section}_{i}")).parent.name or f"{section}_{i}")
+    return out
+
+
+def check_datalist(items: Sequence[dict], image_keys: Sequence[str] = ("source", "target"),
+                   aux_keys: Sequence[str] = ("label", "mask"), atol: float = 1e-3, check_values: bool = True,
+                   name: str = "datalist") -> Sequence[dict]:
+    """Check every subject before training; raise :class:`DatalistError` listing all problems found.
+
+    Checks: the list is not empty; every ``image_keys`` entry is present, exists and is readable; images and any
+    ``aux_keys`` files of a subject have the same spatial shape and affines equal within ``atol``; image values
+    are finite (when ``check_values``).
+
+    Returns ``items`` unchanged, so the call can sit between a datalist and a dataset in a config.
+    """
+    from monai.transforms import LoadImage
+
+    if len(items) == 0:
+        raise DatalistError(f"{name}: the list of subjects is empty.")
+    loader = LoadImage(image_only=True)
+    problems: list[str] = []
+    for i, item in enumerate(items):
+        subject = item.get("subject", f"#{i}")
+        ref: tuple[str, Any] | None = None
+        for key in list(image_keys) + [k for k in aux_keys if k in item]:
+            if key not in item:
+                problems.append(f"subject {subject}: no {key!r} entry (expected keys {list(image_keys)}).")
+                continue
+            path = item[key]
+            if not os.path.isfile(path):
+                problems.append(f"subject {subject}: {key} file {path} does not exist.")
+                continue
+            try:
+                img = loader(path)
+            except Exception as e:  # noqa: BLE001 - any reader failure is reported per file
+                problems.append(f"subject {subject}: {key} file {path} cannot be read ({type(e).__name__}: {e}).")
+                continue
+            if check_values and key in image_keys and not bool(torch.isfinite(torch.as_tensor(img)).all()):
+                n_bad = int((~torch.isfinite(torch.as_tensor(img))).sum())
+                problems.append(f"subject {subject}: {key} file {path} contains {n_bad} non-finite values (NaN/inf).")
+            shape, affine = tuple(img.shape[:3]), np.asarray(img.affine)
+            if ref is None:
+                ref = (f"{key} {path}", (shape, affine))
+                continue
+            ref_shape, ref_affine = ref[1]
+            if shape != ref_shape:
+                problems.append(f"subject {subject}: {key} file {path} has shape {shape}, expected {ref_shape} like {ref[0]}.")
+            elif not np.allclose(affine, ref_affine, atol=atol):
+                problems.append(
+                    f"subject {subject}: {key} file {path} has an affine different from {ref[0]} "
+                    f"(max difference {np.abs(affine - ref_affine).max():.4g} > {atol})."
+                )
+    if problems:
+        raise DatalistError(f"{name}: {len(problems)} problem(s) found before training:\n  " + "\n  ".join(problems))
+    logger.info("%s: %d subjects checked", name, len(items))
+    return items
+
+
+class PrepareSourceTarget:
+    """``prepare_batch`` for MONAI engines: returns ``(source, target)`` from a dict batch, moved to ``device``."""
+
+    def __init__(self, source_key: str = "source", target_key: str = "target") -> None:
+        self.source_key, self.target_key = source_key, target_key
+
+    def __call__(self, batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False,
+                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        for key in (self.source_key, self.target_key):
+            if key not in batchdata:
+                raise KeyError(f"batch has no {key!r} entry (keys: {sorted(batchdata)}).")
+        return tuple(  # type: ignore[return-value]
+            torch.as_tensor(batchdata[k]).to(device=device, non_blocking=non_blocking, **kwargs)
+            for k in (self.source_key, self.target_key)
+        )
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike, pattern: str = "checkpoint_*.pt") -> str:
+    """Path of the most recent checkpoint in ``ckpt_dir`` (by modification time); error if there is none."""
+    files = sorted(Path(ckpt_dir).glob(pattern), key=lambda f: f.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"resume was requested but {str(ckpt_dir)!r} holds no file matching {pattern!r}.")
+    logger.info("resuming from %s", files[-1])
+    return str(files[-1])
+
+
+def check_run_dirs(ckpt_dir: str | os.PathLike, model_file: str | os.PathLike, resume: bool = False,
+                   overwrite: bool = False, pattern: str = "checkpoint_*.pt") -> None:
+    """Refuse to overwrite an earlier run silently.
+
+    A fresh run (``resume=False``) whose checkpoint folder already holds checkpoints, or whose best-model file
+    exists, stops with an error unless ``overwrite=True``, in which case the old files are removed. A resumed run
+    needs at least one checkpoint.
+    """
+    ckpt_dir, model_file = Path(ckpt_dir), Path(model_file)
+    if resume:
+        latest_checkpoint(ckpt_dir, pattern)
+        return
+    old = sorted(ckpt_dir.glob(pattern)) + ([model_file] if model_file.exists() else [])
+    if not old:
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"an earlier run left {len(old)} file(s) ({', '.join(str(f) for f in old[:3])}"
+            f"{', ...' if len(old) > 3 else ''}); pass '--resume true' to continue it or '--overwrite true' to "
+            "start again and replace them (or choose another --ckpt_dir / --model_dir)."
+        )
+    for f in old:
+        logger.warning("overwrite requested: removing %s", f)
+        f.unlink()

@@ -1,0 +1,137 @@
+"""Loss terms of the dual-attention synthesis model.
+
+* :func:`confidence_map` and :func:`attention_weight`: M = sigmoid(D2(G(X))) and F = (1 - M)^beta (Eq. 6).
+* :class:`DifficultyAwareLoss`: L_AttG = F * |Y - G(X)|^p (Eq. 6); with F = 1 it is the plain L1/L2 loss of Eq. 1.
+* :class:`GradientPenalty`: the WGAN-GP term lambda * E[(||grad D1(X_hat)||_2 - 1)^2] of Eq. 2.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.utils import LossReduction, StrEnum
+from torch.nn.modules.loss import _Loss
+
+__all__ = ["AttentionNorm", "DifficultyAwareLoss", "GradientPenalty", "attention_weight", "confidence_map"]
+
+
+class AttentionNorm(StrEnum):
+    """How the attention weight F is normalised before it scales the voxel loss."""
+
+    NONE = "none"
+    MEAN = "mean"  # divide F by its mean over each sample, so the loss keeps the scale of plain L1/L2
+
+
+def confidence_map(logits: torch.Tensor) -> torch.Tensor:
+    """Confidence map M = sigmoid(D2(G(X))) in [0, 1] (paper section 2.3).
+
+    M is used as a weight in Eq. 6, so it is detached: the voxel loss must not push gradients into D2 or,
+    through M, into G. The adversarial term L_ADV2 (Eq. 5) is what trains G against D2.
+
+    Args:
+        logits: local discriminator output, shape (B, 1, H, W[, D]).
+    """
+    return torch.sigmoid(logits.detach().float())
+
+
+def attention_weight(confidence: torch.Tensor, beta: float, normalize: AttentionNorm | str = AttentionNorm.NONE,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """Difficulty-aware attention F = (1 - M)^beta (Eq. 6).
+
+    Args:
+        confidence: M in [0, 1], shape (B, 1, H, W[, D]).
+        beta: attention exponent, >= 0; ``beta = 0`` gives F = 1 everywhere (plain L1/L2).
+        normalize: ``"none"`` (the paper) or ``"mean"`` (divide by the per-sample mean of F).
+        eps: floor of the mean when normalising.
+    """
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta!r}.")
+    normalize = AttentionNorm(normalize)
+    if confidence.ndim < 3:
+        raise ValueError(f"confidence must be shaped (B, 1, H, W[, D]), got {tuple(confidence.shape)}.")
+    weight = (1.0 - confidence.detach()).clamp(min=0.0) ** beta
+    if normalize == AttentionNorm.MEAN:
+        dims = tuple(range(1, weight.ndim))
+        weight = weight / weight.mean(dim=dims, keepdim=True).clamp(min=eps)
+    return weight
+
+
+class DifficultyAwareLoss(_Loss):
+    """Difficulty-aware voxel loss L_AttG = F * |Y - G(X)|^p (paper Eq. 6).
+
+    With ``weight=None`` (or F = 1, i.e. beta = 0) this is exactly the L1 (p = 1) or MSE (p = 2) loss of Eq. 1.
+
+    Args:
+        p: 1 or 2.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (MONAI ``LossReduction``).
+    """
+
+    def __init__(self, p: int = 1, reduction: LossReduction | str = LossReduction.MEAN) -> None:
+        super().__init__(reduction=LossReduction(reduction).value)
+        if p not in (1, 2):
+            raise ValueError(f"p must be 1 or 2, got {p!r}.")
+        self.p = p
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        Args:
+            input: synthetic image G(X), shape (B, C, H, W[, D]).
+            target: real target image Y, same shape.
+            weight: attention weight F, shape (B, 1, H, W[, D]) or the input's shape; ``None`` means 1.
+        """
+        if input.shape != target.shape:
+            raise ValueError(f"input ({tuple(input.shape)}) and target ({tuple(target.shape)}) must have the same shape.")
+        diff = (target - input).abs()
+        if self.p == 2:
+            diff = diff * diff
+        if weight is not None:
+            if weight.ndim != input.ndim or weight.shape[0] != input.shape[0] or weight.shape[2:] != input.shape[2:] \
+                    or weight.shape[1] not in (1, input.shape[1]):
+                raise ValueError(
+                    f"weight ({tuple(weight.shape)}) must be shaped (B, 1 or C, spatial...) like input ({tuple(input.shape)})."
+                )
+            diff = weight * diff
+        if self.reduction == LossReduction.MEAN.value:
+            return diff.mean()
+        if self.reduction == LossReduction.SUM.value:
+            return diff.sum()
+        return diff
+
+
+class GradientPenalty(torch.nn.Module):
+    """WGAN-GP gradient penalty (Eq. 2; Gulrajani et al. 2017).
+
+    For each sample, X_hat = a * Y + (1 - a) * G(X) with a ~ U(0, 1) drawn per sample; the penalty is
+    ``lambda_gp * mean_b (||d critic(X_hat) / d X_hat||_2 - 1)^2``, the norm taken over all non-batch dimensions.
+    The graph is kept (``create_graph=True``) so the penalty can be back-propagated into the critic.
+
+    Args:
+        lambda_gp: penalty weight lambda (10 in the WGAN-GP paper).
+    """
+
+    def __init__(self, lambda_gp: float = 10.0) -> None:
+        super().__init__()
+        if lambda_gp < 0:
+            raise ValueError(f"lambda_gp must be >= 0, got {lambda_gp!r}.")
+        self.lambda_gp = float(lambda_gp)
+
+    def forward(self, critic: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """
+        Args:
+            critic: the global critic D1.
+            real: real images Y, shape (B, C, H, W[, D]).
+            fake: synthetic images G(X), same shape (detached here).
+            generator: optional random generator for the interpolation coefficients.
+        Returns:
+            the scalar penalty (already multiplied by ``lambda_gp``).
+        """
+        if real.shape != fake.shape:
+            raise ValueError(f"real ({tuple(real.shape)}) and fake ({tuple(fake.shape)}) must have the same shape.")
+        alpha_shape = (real.shape[0],) + (1,) * (real.ndim - 1)
+        alpha = torch.rand(alpha_shape, device=real.device, dtype=real.dtype, generator=generator)
+        interp = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
+        with torch.enable_grad():
+            score = critic(interp)
+            (grad,) = torch.autograd.grad(score.sum(), interp, create_graph=True)
+        norm = grad.flatten(1).norm(2, dim=1)
+        return self.lambda_gp * ((norm - 1.0) ** 2).mean()

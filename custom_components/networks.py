@@ -1,0 +1,153 @@
+"""The two discriminators of the dual-attention synthesis model (paper section 2.2 and 2.4).
+
+* :class:`GlobalCritic` (D1) scores a whole image with one number; it is trained as a WGAN-GP critic (Eq. 2).
+* :class:`LocalDiscriminator` (D2) is a dense FCN returning one logit per voxel; ``sigmoid`` of its output is the
+  confidence map M used by the difficulty-aware attention (Eq. 4-6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.blocks import Convolution
+from monai.networks.layers.factories import Act, Pool
+
+__all__ = ["GlobalCritic", "LocalDiscriminator"]
+
+
+def _check_spatial_dims(spatial_dims: int) -> None:
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+
+
+def _check_input(x: torch.Tensor, spatial_dims: int, in_channels: int, multiple: int, name: str) -> None:
+    if x.ndim != spatial_dims + 2:
+        raise ValueError(
+            f"{name} expects a {spatial_dims}D batch shaped (B, C, {'H, W' if spatial_dims == 2 else 'H, W, D'}), "
+            f"got shape {tuple(x.shape)}."
+        )
+    if x.shape[1] != in_channels:
+        raise ValueError(f"{name} expects {in_channels} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)}).")
+    bad = [s for s in x.shape[2:] if s % multiple]
+    if bad:
+        raise ValueError(f"{name} needs spatial sizes that are multiples of {multiple}, got {tuple(x.shape[2:])}.")
+
+
+class GlobalCritic(torch.nn.Module):
+    """Global critic D1 (paper section 2.4), trained with the WGAN-GP objective (Eq. 2).
+
+    Three stages of 3x3 convolution + norm + activation + max-pooling with ``channels[:3]`` filters, a fourth
+    convolution with ``channels[3]`` filters, global average pooling, then fully connected layers
+    ``fc_features`` (the last one is the scalar score, no activation).
+
+    The paper lists batch norm; WGAN-GP (Gulrajani et al. 2017, section 4) penalises the gradient of each sample
+    independently, which batch norm breaks by mixing samples. The default is therefore ``norm=None``; ``"instance"``
+    or ``"layer"`` (group norm with one group) are safe alternatives, ``"batch"`` is available for replication only.
+
+    Global average pooling before the head makes the critic accept any input whose spatial sizes are multiples of 8.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: channels of the image being judged.
+        channels: filters of the three pooled stages and of the last convolution.
+        fc_features: output nodes of the fully connected layers; the last must be 1.
+        norm: ``None``, ``"instance"``, ``"layer"`` or ``"batch"``.
+        act: activation, any MONAI ``Act`` name or (name, args) tuple.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        channels: Sequence[int] = (32, 64, 128, 256),
+        fc_features: Sequence[int] = (512, 128, 1),
+        norm: str | None = None,
+        act: str | tuple = ("leakyrelu", {"negative_slope": 0.2}),
+    ) -> None:
+        super().__init__()
+        _check_spatial_dims(spatial_dims)
+        if len(channels) != 4:
+            raise ValueError(f"channels must list 4 filter counts (3 pooled stages + last conv), got {channels!r}.")
+        if len(fc_features) < 1 or fc_features[-1] != 1:
+            raise ValueError(f"fc_features must end with 1 output node (the critic score), got {fc_features!r}.")
+        norms = {None: None, "none": None, "instance": ("instance", {"affine": True}),
+                 "layer": ("group", {"num_groups": 1}), "batch": "batch"}
+        if norm not in norms:
+            raise ValueError(f"norm must be one of {list(norms)}, got {norm!r}.")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        pool = Pool["max", spatial_dims]
+        layers: list[torch.nn.Module] = []
+        c_in = in_channels
+        for c_out in channels[:3]:
+            layers.append(Convolution(spatial_dims, c_in, c_out, kernel_size=3, act=act, norm=norms[norm]))
+            layers.append(pool(kernel_size=2))
+            c_in = c_out
+        layers.append(Convolution(spatial_dims, c_in, channels[3], kernel_size=3, act=act, norm=norms[norm]))
+        self.features = torch.nn.Sequential(*layers)
+        self.pool = Pool["adaptiveavg", spatial_dims](1)
+        head: list[torch.nn.Module] = []
+        f_in = channels[3]
+        for i, f_out in enumerate(fc_features):
+            head.append(torch.nn.Linear(f_in, f_out))
+            if i < len(fc_features) - 1:
+                head.append(Act[act[0] if isinstance(act, tuple) else act](**(act[1] if isinstance(act, tuple) else {})))
+            f_in = f_out
+        self.head = torch.nn.Sequential(*head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W[, D]) with sizes multiple of 8. Returns the critic scores, shape (B, 1)."""
+        _check_input(x, self.spatial_dims, self.in_channels, 8, type(self).__name__)
+        return self.head(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class LocalDiscriminator(torch.nn.Module):
+    """Local dense discriminator D2 (paper section 2.2): an FCN with three down-samplings.
+
+    The encoder halves the resolution three times (strided convolutions); the decoder upsamples back with
+    transposed convolutions and skip connections, so the output has the input's spatial size: one logit per
+    voxel saying how real the local region around that voxel looks. ``sigmoid`` of the output is the confidence
+    map M (see :func:`custom_components.losses.confidence_map`).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: channels of the image being judged.
+        channels: filters at full resolution and after each of the three down-samplings.
+        norm: normalisation of the hidden layers (MONAI ``Norm`` name), ``None`` to disable.
+        act: activation of the hidden layers.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        channels: Sequence[int] = (32, 64, 128, 256),
+        norm: str | tuple | None = ("instance", {"affine": True}),
+        act: str | tuple = ("leakyrelu", {"negative_slope": 0.2}),
+    ) -> None:
+        super().__init__()
+        _check_spatial_dims(spatial_dims)
+        if len(channels) != 4:
+            raise ValueError(f"channels must list 4 filter counts (full resolution + 3 down-samplings), got {channels!r}.")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        conv = lambda i, o, **kw: Convolution(spatial_dims, i, o, kernel_size=3, act=act, norm=norm, **kw)  # noqa: E731
+        self.stem = conv(in_channels, channels[0])
+        self.down = torch.nn.ModuleList(conv(channels[i], channels[i + 1], strides=2) for i in range(3))
+        self.up = torch.nn.ModuleList(
+            conv(channels[i + 1], channels[i], strides=2, is_transposed=True) for i in reversed(range(3))
+        )
+        self.fuse = torch.nn.ModuleList(conv(2 * channels[i], channels[i]) for i in reversed(range(3)))
+        self.out = Convolution(spatial_dims, channels[0], 1, kernel_size=1, conv_only=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W[, D]) with sizes multiple of 8. Returns logits shaped (B, 1, H, W[, D])."""
+        _check_input(x, self.spatial_dims, self.in_channels, 8, type(self).__name__)
+        skips = [self.stem(x)]
+        for down in self.down:
+            skips.append(down(skips[-1]))
+        h = skips.pop()
+        for up, fuse in zip(self.up, self.fuse):
+            h = fuse(torch.cat([up(h), skips.pop()], dim=1))
+        return self.out(h)

@@ -1,0 +1,326 @@
+"""Ignite/MONAI trainer for the dual-discriminator, difficulty-aware synthesis model (paper section 2, Eq. 1-7)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.engines import Trainer
+from monai.engines.utils import default_prepare_batch
+from monai.utils import StrEnum
+from monai.utils.enums import CommonKeys
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from .losses import AttentionNorm, DifficultyAwareLoss, GradientPenalty, attention_weight, confidence_map
+
+__all__ = [
+    "DualAttentionKeys",
+    "DualAttentionTrainer",
+    "Variant",
+    "image_panels",
+    "scalar_outputs",
+    "uses_global_critic",
+    "uses_local_discriminator",
+    "validate_hyperparameters",
+]
+
+
+class Variant(StrEnum):
+    """Model variants compared in the paper (section 3.1-3.2)."""
+
+    UNET = "unet"  # G with the plain L1/L2 loss only
+    GLOBAL = "global"  # sGAN-1: G + global critic D1
+    LOCAL = "local"  # sGAN-2: G + local discriminator D2
+    DUAL = "dual"  # sGAN-dual: both discriminators, plain L1/L2
+    DUAL_ATTENTION = "dual_attention"  # the full method: both discriminators + difficulty-aware attention
+
+
+def _variant(variant: Variant | str) -> Variant:
+    try:
+        return Variant(variant)
+    except ValueError:
+        raise ValueError(f"variant must be one of {[v.value for v in Variant]}, got {variant!r}.") from None
+
+
+def uses_global_critic(variant: Variant | str) -> bool:
+    """Whether ``variant`` trains the global critic D1 (used by configs to skip building it)."""
+    return _variant(variant) in (Variant.GLOBAL, Variant.DUAL, Variant.DUAL_ATTENTION)
+
+
+def uses_local_discriminator(variant: Variant | str) -> bool:
+    """Whether ``variant`` trains the local discriminator D2 (used by configs to skip building it)."""
+    return _variant(variant) in (Variant.LOCAL, Variant.DUAL, Variant.DUAL_ATTENTION)
+
+
+def validate_hyperparameters(variant: str = "dual_attention", beta: float = 2.0, p: int = 1, lambda_gp: float = 10.0,
+                             lambda_adv_global: float = 0.01, lambda_adv_local: float = 0.05, n_critic: int = 1,
+                             attention_warmup: int = 0, attention_norm: str = "none", **_: Any) -> None:
+    """Raise a ``ValueError`` naming the first bad training option (called from the bundle's ``initialize``)."""
+    _variant(variant)
+    if not isinstance(beta, (int, float)) or beta < 0:
+        raise ValueError(f"beta must be a number >= 0, got {beta!r}.")
+    if p not in (1, 2):
+        raise ValueError(f"p must be 1 or 2, got {p!r}.")
+    for name, value in (("lambda_gp", lambda_gp), ("lambda_adv_global", lambda_adv_global),
+                        ("lambda_adv_local", lambda_adv_local)):
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}.")
+    if not isinstance(n_critic, int) or n_critic < 1:
+        raise ValueError(f"n_critic must be an integer >= 1, got {n_critic!r}.")
+    if not isinstance(attention_warmup, int) or attention_warmup < 0:
+        raise ValueError(f"attention_warmup must be an integer >= 0, got {attention_warmup!r}.")
+    try:
+        AttentionNorm(attention_norm)
+    except ValueError:
+        raise ValueError(
+            f"attention_norm must be one of {[a.value for a in AttentionNorm]}, got {attention_norm!r}."
+        ) from None
+
+
+class DualAttentionKeys(StrEnum):
+    """Keys of the trainer's per-iteration output dict. Loss terms are plain floats; images are tensors."""
+
+    LOSS = "loss"  # L_G, Eq. 7
+    RECON = "loss_recon"  # L_AttG (Eq. 6), or plain L1/L2 (Eq. 1) without attention
+    ADV_GLOBAL = "loss_adv_global"  # L_ADV1, Eq. 3
+    ADV_LOCAL = "loss_adv_local"  # L_ADV2, Eq. 5
+    CRITIC = "loss_critic"  # L_D1, Eq. 2 (incl. the penalty)
+    GP = "gradient_penalty"  # the penalty term of Eq. 2 (incl. lambda)
+    WASSERSTEIN = "wasserstein"  # E[D1(Y)] - E[D1(G(X))]
+    LOCAL_D = "loss_local_d"  # L_D2, Eq. 4
+    CONFIDENCE_MEAN = "confidence_mean"  # mean of M over G(X)
+    ATTENTION_MEAN = "attention_mean"  # mean of F actually applied (1 without attention)
+    IMAGE = CommonKeys.IMAGE  # source X
+    LABEL = CommonKeys.LABEL  # target Y
+    PRED = CommonKeys.PRED  # G(X)
+    CONFIDENCE = "confidence"  # M
+
+
+def scalar_outputs(output: dict) -> dict[str, float]:
+    """The float entries of the trainer output (loss terms), for ``StatsHandler``/``TensorBoardStatsHandler``."""
+    return {k: v for k, v in output.items() if isinstance(v, float)}
+
+
+def image_panels(output: dict) -> torch.Tensor:
+    """Synthetic image and, when available, the confidence map M as channels, for ``TensorBoardImageHandler``."""
+    panels = [output[DualAttentionKeys.PRED]]
+    if DualAttentionKeys.CONFIDENCE in output:
+        panels.append(output[DualAttentionKeys.CONFIDENCE])
+    return torch.cat(panels, dim=1)
+
+
+@contextmanager
+def _frozen(*nets: torch.nn.Module | None):
+    """Disable gradients of ``nets`` parameters (discriminators during G's update), restoring them afterwards."""
+    params = [p for n in nets if n is not None for p in n.parameters() if p.requires_grad]
+    for prm in params:
+        prm.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for prm in params:
+            prm.requires_grad_(True)
+
+
+class DualAttentionTrainer(Trainer):
+    """Alternating training of G, the global critic D1 and the local discriminator D2 (paper Fig. 2).
+
+    One iteration on a batch (X, Y):
+
+    1. G(X) is computed once; its detached copy is used by the discriminator updates.
+    2. D1 (if used): ``n_critic`` WGAN-GP updates, L_D1 = E[D1(G(X))] - E[D1(Y)] + GP (Eq. 2). Real and fake
+       images pass through the critic as one batch (the critic has no batch norm by default, so this is exact).
+    3. D2 (if used): one update of the dense BCE loss L_D2 = BCE(D2(Y), 1) + BCE(D2(G(X)), 0) (Eq. 4).
+    4. G: L_G = L_AttG + lambda_1 L_ADV1 + lambda_2 L_ADV2 (Eq. 7) with the discriminators frozen, where
+       L_AttG = F * |Y - G(X)|^p, F = (1 - M)^beta and M = sigmoid(D2(G(X))) (Eq. 6); for variants without
+       attention, or before ``attention_warmup`` iterations have passed, F = 1 (plain Eq. 1).
+
+    The ``n_critic`` critic updates reuse the same batch (with fresh interpolation coefficients each time).
+
+    Args:
+        device: device to train on.
+        max_epochs: number of epochs.
+        train_data_loader: loader of dict batches holding the source and target images.
+        g_network: generator G (e.g. MONAI ``UNet``).
+        g_optimizer: optimizer of G.
+        variant: one of :class:`Variant`; networks a variant does not use must be ``None``.
+        global_critic: D1, required for ``global``, ``dual``, ``dual_attention``.
+        global_optimizer: optimizer of D1, or a factory ``params -> Optimizer`` (e.g. a config ``_mode_: callable``
+            partial), so configs need not build optimizers for networks a variant does not use.
+        local_discriminator: D2, required for ``local``, ``dual``, ``dual_attention``.
+        local_optimizer: optimizer of D2, or a factory ``params -> Optimizer``.
+        beta: attention exponent (Eq. 6), >= 0.
+        p: 1 (L1) or 2 (L2) voxel loss.
+        lambda_gp: gradient-penalty weight lambda (Eq. 2).
+        lambda_adv_global: lambda_1 of Eq. 7.
+        lambda_adv_local: lambda_2 of Eq. 7.
+        n_critic: critic updates per generator update.
+        attention_warmup: iterations of plain L1/L2 before the attention is switched on (M is meaningless before
+            D2 has learned anything).
+        attention_norm: ``"none"`` (the paper) or ``"mean"`` (F divided by its per-sample mean).
+        epoch_length: iterations per epoch, default ``len(train_data_loader)``.
+        non_blocking: non-blocking host-to-device copies.
+        prepare_batch: callable ``(batch, device, non_blocking, **kwargs) -> (source, target)``.
+        train_handlers: ignite/MONAI handlers to attach.
+        amp: not supported yet; must be False.
+        optim_set_to_none: ``zero_grad(set_to_none=...)``.
+        to_kwargs: extra arguments of ``prepare_batch``'s tensor conversion.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_epochs: int,
+        train_data_loader: Iterable | DataLoader,
+        g_network: torch.nn.Module,
+        g_optimizer: Optimizer,
+        variant: Variant | str = Variant.DUAL_ATTENTION,
+        global_critic: torch.nn.Module | None = None,
+        global_optimizer: Optimizer | Callable | None = None,
+        local_discriminator: torch.nn.Module | None = None,
+        local_optimizer: Optimizer | Callable | None = None,
+        beta: float = 2.0,
+        p: int = 1,
+        lambda_gp: float = 10.0,
+        lambda_adv_global: float = 0.01,
+        lambda_adv_local: float = 0.05,
+        n_critic: int = 1,
+        attention_warmup: int = 0,
+        attention_norm: AttentionNorm | str = AttentionNorm.NONE,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        prepare_batch: Callable = default_prepare_batch,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        optim_set_to_none: bool = True,
+        to_kwargs: dict | None = None,
+    ) -> None:
+        validate_hyperparameters(variant, beta, p, lambda_gp, lambda_adv_global, lambda_adv_local, n_critic,
+                                 attention_warmup, attention_norm)
+        if amp:
+            raise ValueError("amp=True is not supported by DualAttentionTrainer yet; set amp to false.")
+        self.variant = Variant(variant)
+        for role, net, opt, needed in (
+            ("global_critic", global_critic, global_optimizer, uses_global_critic(self.variant)),
+            ("local_discriminator", local_discriminator, local_optimizer, uses_local_discriminator(self.variant)),
+        ):
+            if needed and (net is None or opt is None):
+                raise ValueError(f"variant {self.variant.value!r} needs {role} and its optimizer, got None.")
+            if not needed and net is not None:
+                raise ValueError(f"variant {self.variant.value!r} does not use {role}; pass None instead of a network.")
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            handlers=train_handlers,
+            amp=False,
+            decollate=False,
+            to_kwargs=to_kwargs,
+        )
+        self.g_network, self.g_optimizer = g_network.to(self.state.device), g_optimizer
+        self.global_critic, self.global_optimizer = self._with_optimizer(global_critic, global_optimizer)
+        self.local_discriminator, self.local_optimizer = self._with_optimizer(local_discriminator, local_optimizer)
+        self.beta, self.attention_norm = float(beta), AttentionNorm(attention_norm)
+        self.attention_warmup = attention_warmup
+        self.lambda_adv_global, self.lambda_adv_local = float(lambda_adv_global), float(lambda_adv_local)
+        self.n_critic = n_critic
+        self.recon_loss = DifficultyAwareLoss(p=p)
+        self.gradient_penalty = GradientPenalty(lambda_gp)
+        self.optim_set_to_none = optim_set_to_none
+
+    def _with_optimizer(self, net: torch.nn.Module | None, optimizer: Optimizer | Callable | None):
+        if net is None:
+            return None, None
+        net = net.to(self.state.device)
+        if not isinstance(optimizer, Optimizer):
+            optimizer = optimizer(net.parameters())
+        return net, optimizer
+
+    def checkpoint_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: the networks and optimizers this variant uses, and the engine state."""
+        objects = {
+            "generator": self.g_network, "g_optimizer": self.g_optimizer,
+            "global_critic": self.global_critic, "global_optimizer": self.global_optimizer,
+            "local_discriminator": self.local_discriminator, "local_optimizer": self.local_optimizer,
+            "trainer": self,
+        }
+        return {k: v for k, v in objects.items() if v is not None}
+
+    def attention_active(self, iteration: int) -> bool:
+        """Whether F = (1 - M)^beta weights the voxel loss at ``iteration`` (1-based)."""
+        return self.variant == Variant.DUAL_ATTENTION and iteration > self.attention_warmup
+
+    def _iteration(self, engine: DualAttentionTrainer, batchdata: dict[str, Any]) -> dict[str, Any]:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        source, target = batch[0], batch[1]
+        n = source.shape[0]
+        keys = DualAttentionKeys
+        out: dict[str, Any] = {}
+
+        engine.g_network.train()
+        fake = engine.g_network(source)
+        fake_d = fake.detach()
+
+        critic = engine.global_critic
+        if critic is not None:  # D1: WGAN-GP critic updates (Eq. 2)
+            critic.train()
+            for _ in range(engine.n_critic):
+                engine.global_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+                real_score, fake_score = critic(torch.cat([target, fake_d])).split(n)
+                gp = engine.gradient_penalty(critic, target, fake_d)
+                loss_critic = fake_score.mean() - real_score.mean() + gp
+                loss_critic.backward()
+                engine.global_optimizer.step()
+            out[keys.CRITIC] = loss_critic.item()
+            out[keys.GP] = gp.item()
+            out[keys.WASSERSTEIN] = (real_score.mean() - fake_score.mean()).item()
+
+        local_d = engine.local_discriminator
+        if local_d is not None:  # D2: dense BCE (Eq. 4)
+            local_d.train()
+            engine.local_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+            real_logit, fake_logit = local_d(torch.cat([target, fake_d])).split(n)
+            loss_local = F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit)) + \
+                F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit))
+            loss_local.backward()
+            engine.local_optimizer.step()
+            out[keys.LOCAL_D] = loss_local.item()
+
+        # G (Eq. 7), discriminators frozen so no gradient accumulates in them
+        engine.g_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        with _frozen(critic, local_d):
+            loss_g = torch.zeros((), device=fake.device)
+            weight = None
+            if local_d is not None:
+                logits = local_d(fake)
+                confidence = confidence_map(logits)
+                loss_adv_local = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))  # Eq. 5
+                loss_g = loss_g + engine.lambda_adv_local * loss_adv_local
+                out[keys.ADV_LOCAL] = loss_adv_local.item()
+                out[keys.CONFIDENCE_MEAN] = confidence.mean().item()
+                out[keys.CONFIDENCE] = confidence
+                if engine.attention_active(engine.state.iteration):
+                    weight = attention_weight(confidence, engine.beta, engine.attention_norm)
+            if critic is not None:
+                loss_adv_global = -critic(fake).mean()  # Eq. 3
+                loss_g = loss_g + engine.lambda_adv_global * loss_adv_global
+                out[keys.ADV_GLOBAL] = loss_adv_global.item()
+            loss_recon = engine.recon_loss(fake, target, weight)  # Eq. 6 (Eq. 1 when weight is None)
+            loss_g = loss_g + loss_recon
+        loss_g.backward()
+        engine.g_optimizer.step()
+
+        out[keys.RECON] = loss_recon.item()
+        out[keys.LOSS] = loss_g.item()
+        out[keys.ATTENTION_MEAN] = 1.0 if weight is None else weight.mean().item()
+        out[keys.IMAGE], out[keys.LABEL], out[keys.PRED] = source, target, fake_d
+        return out

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from custom_components import GlobalCritic, LocalDiscriminator
+
+SHAPES = [(2, (16, 24)), (2, (32, 32)), (3, (16, 16, 8)), (3, (8, 24, 16))]
+
+
+@pytest.mark.parametrize("spatial_dims,size", SHAPES)
+@pytest.mark.parametrize("norm", [None, "instance", "layer"])
+def test_global_critic_scores_one_value_per_sample(spatial_dims, size, norm):
+    critic = GlobalCritic(spatial_dims=spatial_dims, norm=norm)
+    out = critic(torch.rand(3, 1, *size))
+    assert out.shape == (3, 1)
+    assert torch.isfinite(out).all()
+
+
+def test_global_critic_default_has_no_batch_norm():
+    modules = [m for m in GlobalCritic().modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert modules == []
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in GlobalCritic(norm="batch").modules())
+
+
+def test_global_critic_architecture_follows_paper():
+    critic = GlobalCritic()
+    convs = [m for m in critic.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 64, 128, 256]
+    assert all(c.kernel_size == (3, 3) for c in convs)
+    assert [m.out_features for m in critic.modules() if isinstance(m, torch.nn.Linear)] == [512, 128, 1]
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in critic.modules()) == 3
+
+
+@pytest.mark.parametrize("spatial_dims,size", SHAPES)
+def test_local_discriminator_output_has_input_size(spatial_dims, size):
+    disc = LocalDiscriminator(spatial_dims=spatial_dims)
+    out = disc(torch.rand(2, 1, *size))
+    assert out.shape == (2, 1, *size)
+
+
+def test_local_discriminator_has_three_downsamplings():
+    disc = LocalDiscriminator(spatial_dims=2)
+    strided = [m for m in disc.modules() if isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)]
+    assert len(strided) == 3
+
+
+@pytest.mark.parametrize("net", [GlobalCritic, LocalDiscriminator])
+def test_bad_arguments_name_the_argument(net):
+    with pytest.raises(ValueError, match="spatial_dims"):
+        net(spatial_dims=1)
+    with pytest.raises(ValueError, match="channels"):
+        net(channels=(8, 16))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        net(spatial_dims=2)(torch.rand(1, 1, 20, 16))
+    with pytest.raises(ValueError, match="input channel"):
+        net(spatial_dims=2)(torch.rand(1, 2, 16, 16))
+    with pytest.raises(ValueError, match="2D batch"):
+        net(spatial_dims=2)(torch.rand(1, 1, 16, 16, 16))
+
+
+def test_global_critic_bad_norm_and_head():
+    with pytest.raises(ValueError, match="norm"):
+        GlobalCritic(norm="weird")
+    with pytest.raises(ValueError, match="fc_features"):
+        GlobalCritic(fc_features=(512, 2))
