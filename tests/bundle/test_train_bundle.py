@@ -1,0 +1,109 @@
+"""End-to-end runs of `python -m monai.bundle run training` on a tiny phantom (slow: a few minutes in all)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from custom_components.phantom import ensure_phantom
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+EPOCH_LENGTH = 2  # 2 training subjects, batch_size 1
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantom")
+    ensure_phantom(out, task="t1t2", n_train=2, n_val=1, n_test=1, shape=(48, 48, 32), seed=3)
+    return out
+
+
+def _run(phantom, bundle_root, *overrides, check=True):
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training",
+           "--config_file", "bundle/configs/train.json", "--meta_file", "bundle/configs/metadata.json",
+           "--logging_file", "bundle/configs/logging.conf",
+           "--bundle_root", str(bundle_root), "--model_dir", str(bundle_root / "models"),
+           "--dataset_dir", str(phantom), "--make_phantom", "false",
+           "--patch_size", "[32,32]", "--generator_channels", "[8,16,32,64]", "--batch_size", "1",
+           "--samples_per_volume", "2", "--val_interval", "1", "--log_every", "1", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_train_writes_model_checkpoints_logs_and_resumes(phantom, tmp_path):
+    proc = _run(phantom, tmp_path, "--epochs", "2")
+    log = proc.stdout + proc.stderr
+    assert "val_psnr" in log and "val_psnr_tumour" in log and "val_ssim" in log
+    for term in ("loss_recon", "loss_adv_global", "loss_adv_local", "gradient_penalty", "wasserstein", "confidence_mean"):
+        assert term in log
+    model = tmp_path / "models" / "model.pt"
+    assert model.is_file()
+    weights = torch.load(model, weights_only=True)
+    assert any(k.startswith("model.") for k in weights)  # the generator's state dict
+    ckpt_dir = tmp_path / "runs" / "dual_attention" / "checkpoints"
+    final = ckpt_dir / "checkpoint_final.pt"
+    state = torch.load(final, weights_only=True)
+    assert {"generator", "g_optimizer", "global_critic", "global_optimizer", "local_discriminator",
+            "local_optimizer", "trainer"} <= set(state)
+    assert state["trainer"]["iteration"] == 2 * EPOCH_LENGTH
+    assert list((tmp_path / "runs" / "dual_attention").glob("events.out.tfevents.*"))
+
+    # a fresh run into the same folders refuses to overwrite them
+    again = _run(phantom, tmp_path, "--epochs", "2", check=False)
+    assert again.returncode != 0 and "--resume true" in again.stdout + again.stderr
+
+    resumed = _run(phantom, tmp_path, "--epochs", "3", "--resume", "true")
+    log = resumed.stdout + resumed.stderr
+    assert f"resuming from iteration {2 * EPOCH_LENGTH}, epoch 2 until 3 epochs" in log
+    state = torch.load(final, weights_only=True)
+    assert state["trainer"]["iteration"] == 3 * EPOCH_LENGTH
+    assert state["trainer"]["epoch"] == 3
+
+
+@pytest.mark.parametrize("variant", ["unet", "global", "local", "dual"])
+def test_every_variant_trains_through_the_bundle(phantom, tmp_path, variant):
+    proc = _run(phantom, tmp_path, "--epochs", "1", "--variant", variant)
+    log = proc.stdout + proc.stderr
+    assert "val_psnr" in log
+    state = torch.load(tmp_path / "runs" / variant / "checkpoints" / "checkpoint_final.pt", weights_only=True)
+    assert ("global_critic" in state) == (variant in ("global", "dual"))
+    assert ("local_discriminator" in state) == (variant in ("local", "dual"))
+
+
+def test_3d_patches_train(phantom, tmp_path):
+    _run(phantom, tmp_path, "--epochs", "1", "--spatial_dims", "3", "--patch_size", "[16,16,16]",
+         "--generator_channels", "[4,8,16,16]")
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("override,message", [
+    (["--variant", "triple"], "variant must be one of"),
+    (["--beta", "-1"], "beta must be a number >= 0"),
+])
+def test_config_errors_are_clear(phantom, tmp_path, override, message):
+    proc = _run(phantom, tmp_path, "--epochs", "1", *override, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+
+
+def test_bad_datalist_stops_before_training(phantom, tmp_path):
+    datalist = json.loads((phantom / "datalist.json").read_text())
+    for section in ("training", "validation", "test"):  # absolute paths, so the list can live elsewhere
+        for item in datalist[section]:
+            item.update({k: str(phantom / v) for k, v in item.items() if k != "subject"})
+    first = datalist["training"][0]
+    first["target"] = first["target"].replace("t2.nii.gz", "t2_missing.nii.gz")
+    (tmp_path / "bad.json").write_text(json.dumps(datalist))
+    proc = _run(phantom, tmp_path, "--epochs", "1", "--datalist", str(tmp_path / "bad.json"), check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"subject {first['subject']}: target file {first['target']} does not exist" in out
+    assert "Epoch[1]" not in out
