@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["DatalistError", "PrepareSourceTarget", "check_datalist", "check_run_dirs", "latest_checkpoint", "load_datalist"]
+__all__ = ["DatalistError", "PrepareSourceTarget", "as_flag", "check_datalist", "check_run_dirs", "latest_checkpoint", "load_datalist"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,20 +104,22 @@ def check_datalist(items: Sequence[dict], image_keys: Sequence[str] = ("source",
 
 
 class PrepareSourceTarget:
-    """``prepare_batch`` for MONAI engines: returns ``(source, target)`` from a dict batch, moved to ``device``."""
+    """``prepare_batch`` for MONAI engines: ``(source, target)`` from a dict batch, moved to ``device``.
 
-    def __init__(self, source_key: str = "source", target_key: str = "target") -> None:
+    With ``target_key=None`` (inference) the target is ``None``.
+    """
+
+    def __init__(self, source_key: str = "source", target_key: str | None = "target") -> None:
         self.source_key, self.target_key = source_key, target_key
 
     def __call__(self, batchdata: dict, device: str | torch.device | None = None, non_blocking: bool = False,
-                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        for key in (self.source_key, self.target_key):
+                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        keys = [k for k in (self.source_key, self.target_key) if k is not None]
+        for key in keys:
             if key not in batchdata:
                 raise KeyError(f"batch has no {key!r} entry (keys: {sorted(batchdata)}).")
-        return tuple(  # type: ignore[return-value]
-            torch.as_tensor(batchdata[k]).to(device=device, non_blocking=non_blocking, **kwargs)
-            for k in (self.source_key, self.target_key)
-        )
+        out = [torch.as_tensor(batchdata[k]).to(device=device, non_blocking=non_blocking, **kwargs) for k in keys]
+        return out[0], (out[1] if len(out) > 1 else None)
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike, pattern: str = "checkpoint_*.pt") -> str:
@@ -153,3 +155,19 @@ def check_run_dirs(ckpt_dir: str | os.PathLike, model_file: str | os.PathLike, r
     for f in old:
         logger.warning("overwrite requested: removing %s", f)
         f.unlink()
+
+
+def as_flag(value: bool | str | int, name: str = "flag") -> bool:
+    """A boolean config option given as a bool or as the text a command line passes (``true``/``false``, ``1``/``0``).
+
+    ``python -m monai.bundle run ... --resume true`` hands the config the string ``"true"``; a bare string would
+    always be truthy, so configs read their switches through this function.
+    """
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", "none", "null", ""):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}.")

@@ -62,10 +62,10 @@ def test_train_writes_model_checkpoints_logs_and_resumes(phantom, tmp_path):
 
     resumed = _run(phantom, tmp_path, "--epochs", "3", "--resume", "true")
     log = resumed.stdout + resumed.stderr
-    assert f"resuming from iteration {2 * EPOCH_LENGTH}, epoch 2 until 3 epochs" in log
+    assert "Restored all variables from" in log and "checkpoint_final.pt" in log
+    assert "Epoch[3] Complete" in log and "Epoch[1] Complete" not in log and "Epoch[2] Complete" not in log
     state = torch.load(final, weights_only=True)
     assert state["trainer"]["iteration"] == 3 * EPOCH_LENGTH
-    assert state["trainer"]["epoch"] == 3
 
 
 @pytest.mark.parametrize("variant", ["unet", "global", "local", "dual"])
