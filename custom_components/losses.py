@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from monai.utils import LossReduction, StrEnum
 from torch.nn.modules.loss import _Loss
@@ -114,24 +116,43 @@ class GradientPenalty(torch.nn.Module):
             raise ValueError(f"lambda_gp must be >= 0, got {lambda_gp!r}.")
         self.lambda_gp = float(lambda_gp)
 
+    @staticmethod
+    def interpolate(real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """X_hat = a * real + (1 - a) * fake, a ~ U(0, 1) per sample, detached from both and requiring grad."""
+        if real.shape != fake.shape:
+            raise ValueError(f"real ({tuple(real.shape)}) and fake ({tuple(fake.shape)}) must have the same shape.")
+        alpha_shape = (real.shape[0],) + (1,) * (real.ndim - 1)
+        alpha = torch.rand(alpha_shape, device=real.device, dtype=real.dtype, generator=generator)
+        return (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
+
+    def penalty(self, scores: torch.Tensor, interp: torch.Tensor, scaler: Any = None) -> torch.Tensor:
+        """lambda * mean (||d scores / d interp||_2 - 1)^2, given the critic's scores of ``interp``.
+
+        Splitting the penalty from the critic's forward lets a trainer score real, fake and interpolated images in
+        one batch (one forward, which DistributedDataParallel needs). With a ``GradScaler`` (fp16), the scores are
+        scaled before differentiation and the gradient unscaled before its norm, as the PyTorch AMP notes advise.
+        """
+        out = scores.sum()
+        if scaler is not None and scaler.is_enabled():
+            (grad,) = torch.autograd.grad(scaler.scale(out), interp, create_graph=True)
+            grad = grad / scaler.get_scale()
+        else:
+            (grad,) = torch.autograd.grad(out, interp, create_graph=True)
+        norm = grad.float().flatten(1).norm(2, dim=1)
+        return self.lambda_gp * ((norm - 1.0) ** 2).mean()
+
     def forward(self, critic: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, scaler: Any = None) -> torch.Tensor:
         """
         Args:
             critic: the global critic D1.
             real: real images Y, shape (B, C, H, W[, D]).
             fake: synthetic images G(X), same shape (detached here).
             generator: optional random generator for the interpolation coefficients.
+            scaler: optional ``torch.amp.GradScaler`` (fp16 training).
         Returns:
             the scalar penalty (already multiplied by ``lambda_gp``).
         """
-        if real.shape != fake.shape:
-            raise ValueError(f"real ({tuple(real.shape)}) and fake ({tuple(fake.shape)}) must have the same shape.")
-        alpha_shape = (real.shape[0],) + (1,) * (real.ndim - 1)
-        alpha = torch.rand(alpha_shape, device=real.device, dtype=real.dtype, generator=generator)
-        interp = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
+        interp = self.interpolate(real, fake, generator)
         with torch.enable_grad():
-            score = critic(interp)
-            (grad,) = torch.autograd.grad(score.sum(), interp, create_graph=True)
-        norm = grad.flatten(1).norm(2, dim=1)
-        return self.lambda_gp * ((norm - 1.0) ** 2).mean()
+            return self.penalty(critic(interp), interp, scaler)

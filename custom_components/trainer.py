@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
+import math
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -113,6 +114,11 @@ def image_panels(output: dict) -> torch.Tensor:
     return torch.cat(panels, dim=1)
 
 
+def _unwrap(net: torch.nn.Module | None) -> torch.nn.Module | None:
+    """The module inside a ``DistributedDataParallel``/``DataParallel`` wrapper (or ``net`` itself)."""
+    return getattr(net, "module", net) if net is not None else None
+
+
 @contextmanager
 def _frozen(*nets: torch.nn.Module | None):
     """Disable gradients of ``nets`` parameters (discriminators during G's update), restoring them afterwards."""
@@ -166,7 +172,12 @@ class DualAttentionTrainer(Trainer):
         non_blocking: non-blocking host-to-device copies.
         prepare_batch: callable ``(batch, device, non_blocking, **kwargs) -> (source, target)``.
         train_handlers: ignite/MONAI handlers to attach.
-        amp: not supported yet; must be False.
+        precision: ``"fp32"``, ``"bf16"`` (autocast to bfloat16, CPU or CUDA) or ``"fp16"`` (autocast to float16 with
+            one ``GradScaler`` per network; CUDA only).
+        gp_interval: compute the gradient penalty every ``gp_interval`` critic steps, weighted by ``gp_interval``
+            (lazy regularisation; 1 = every step, the paper).
+        stop_on_nonfinite: check every loss term before its optimizer step and stop with an error naming the
+            iteration and the term if one is NaN/inf, so no weight is updated from it.
         optim_set_to_none: ``zero_grad(set_to_none=...)``.
         to_kwargs: extra arguments of ``prepare_batch``'s tensor conversion.
     """
@@ -195,14 +206,20 @@ class DualAttentionTrainer(Trainer):
         non_blocking: bool = False,
         prepare_batch: Callable = default_prepare_batch,
         train_handlers: Sequence | None = None,
-        amp: bool = False,
+        precision: str = "fp32",
+        gp_interval: int = 1,
+        stop_on_nonfinite: bool = True,
         optim_set_to_none: bool = True,
         to_kwargs: dict | None = None,
     ) -> None:
         validate_hyperparameters(variant, beta, p, lambda_gp, lambda_adv_global, lambda_adv_local, n_critic,
                                  attention_warmup, attention_norm)
-        if amp:
-            raise ValueError("amp=True is not supported by DualAttentionTrainer yet; set amp to false.")
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}.")
+        if precision == "fp16" and torch.device(device).type != "cuda":
+            raise ValueError(f"precision 'fp16' needs a CUDA device (got {device!r}); use 'bf16' on CPU.")
+        if not isinstance(gp_interval, int) or gp_interval < 1:
+            raise ValueError(f"gp_interval must be an integer >= 1, got {gp_interval!r}.")
         self.variant = Variant(variant)
         for role, net, opt, needed in (
             ("global_critic", global_critic, global_optimizer, uses_global_critic(self.variant)),
@@ -234,6 +251,11 @@ class DualAttentionTrainer(Trainer):
         self.recon_loss = DifficultyAwareLoss(p=p)
         self.gradient_penalty = GradientPenalty(lambda_gp)
         self.optim_set_to_none = optim_set_to_none
+        self.precision, self.gp_interval, self.stop_on_nonfinite = precision, gp_interval, stop_on_nonfinite
+        self.critic_steps = 0
+        use_scaler = precision == "fp16"
+        self.scalers = {name: torch.amp.GradScaler("cuda", enabled=use_scaler)
+                        for name in ("generator", "global_critic", "local_discriminator")}
 
     def _with_optimizer(self, net: torch.nn.Module | None, optimizer: Optimizer | Callable | None):
         if net is None:
@@ -251,11 +273,32 @@ class DualAttentionTrainer(Trainer):
             "local_discriminator": self.local_discriminator, "local_optimizer": self.local_optimizer,
             "trainer": self,
         }
+        if self.precision == "fp16":
+            objects.update({f"{k}_scaler": v for k, v in self.scalers.items()})
         return {k: v for k, v in objects.items() if v is not None}
 
     def attention_active(self, iteration: int) -> bool:
         """Whether F = (1 - M)^beta weights the voxel loss at ``iteration`` (1-based)."""
         return self.variant == Variant.DUAL_ATTENTION and iteration > self.attention_warmup
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=torch.device(self.state.device).type, dtype=dtype)
+
+    def _check_finite(self, term: str, value: torch.Tensor) -> None:
+        if self.stop_on_nonfinite and not math.isfinite(value.item()):
+            raise FloatingPointError(
+                f"iteration {self.state.iteration} (epoch {self.state.epoch}): loss term '{term}' is {value.item()}; "
+                "training stopped before this update, so the networks keep the weights of the previous iteration."
+            )
+
+    def _step(self, name: str, loss: torch.Tensor, optimizer: Optimizer) -> None:
+        scaler = self.scalers[name]
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
     def _iteration(self, engine: DualAttentionTrainer, batchdata: dict[str, Any]) -> dict[str, Any]:
         if batchdata is None:
@@ -267,41 +310,54 @@ class DualAttentionTrainer(Trainer):
         out: dict[str, Any] = {}
 
         engine.g_network.train()
-        fake = engine.g_network(source)
+        with engine._autocast():
+            fake = engine.g_network(source)  # computed once, reused by every update below
         fake_d = fake.detach()
 
         critic = engine.global_critic
         if critic is not None:  # D1: WGAN-GP critic updates (Eq. 2)
             critic.train()
             for _ in range(engine.n_critic):
+                engine.critic_steps += 1
+                with_gp = engine.critic_steps % engine.gp_interval == 0
                 engine.global_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-                real_score, fake_score = critic(torch.cat([target, fake_d])).split(n)
-                gp = engine.gradient_penalty(critic, target, fake_d)
-                loss_critic = fake_score.mean() - real_score.mean() + gp
-                loss_critic.backward()
-                engine.global_optimizer.step()
+                # real, fake (and interpolated) images scored in one forward pass
+                interp = engine.gradient_penalty.interpolate(target, fake_d.to(target.dtype)) if with_gp else None
+                inputs = [target, fake_d.to(target.dtype)] + ([interp] if with_gp else [])
+                with engine._autocast():
+                    scores = critic(torch.cat(inputs)).float().split(n)
+                real_score, fake_score = scores[0], scores[1]
+                loss_critic = fake_score.mean() - real_score.mean()
+                if with_gp:
+                    gp = engine.gradient_penalty.penalty(scores[2], interp, engine.scalers["global_critic"])
+                    loss_critic = loss_critic + engine.gp_interval * gp
+                    out[keys.GP] = gp.item()
+                engine._check_finite(keys.CRITIC, loss_critic)
+                engine._step("global_critic", loss_critic, engine.global_optimizer)
             out[keys.CRITIC] = loss_critic.item()
-            out[keys.GP] = gp.item()
             out[keys.WASSERSTEIN] = (real_score.mean() - fake_score.mean()).item()
 
         local_d = engine.local_discriminator
-        if local_d is not None:  # D2: dense BCE (Eq. 4)
+        if local_d is not None:  # D2: dense BCE (Eq. 4), real and fake in one forward pass
             local_d.train()
             engine.local_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-            real_logit, fake_logit = local_d(torch.cat([target, fake_d])).split(n)
+            with engine._autocast():
+                real_logit, fake_logit = local_d(torch.cat([target, fake_d.to(target.dtype)])).float().split(n)
             loss_local = F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit)) + \
                 F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit))
-            loss_local.backward()
-            engine.local_optimizer.step()
+            engine._check_finite(keys.LOCAL_D, loss_local)
+            engine._step("local_discriminator", loss_local, engine.local_optimizer)
             out[keys.LOCAL_D] = loss_local.item()
 
-        # G (Eq. 7), discriminators frozen so no gradient accumulates in them
+        # G (Eq. 7). The discriminators are frozen and used unwrapped (no DistributedDataParallel hooks): only G
+        # is updated here and only G's gradients are synchronised.
         engine.g_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with _frozen(critic, local_d):
+        critic_m, local_m = _unwrap(critic), _unwrap(local_d)
+        with _frozen(critic_m, local_m), engine._autocast():
             loss_g = torch.zeros((), device=fake.device)
             weight = None
-            if local_d is not None:
-                logits = local_d(fake)
+            if local_m is not None:
+                logits = local_m(fake).float()
                 confidence = confidence_map(logits)
                 loss_adv_local = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))  # Eq. 5
                 loss_g = loss_g + engine.lambda_adv_local * loss_adv_local
@@ -310,17 +366,18 @@ class DualAttentionTrainer(Trainer):
                 out[keys.CONFIDENCE] = confidence
                 if engine.attention_active(engine.state.iteration):
                     weight = attention_weight(confidence, engine.beta, engine.attention_norm)
-            if critic is not None:
-                loss_adv_global = -critic(fake).mean()  # Eq. 3
+            if critic_m is not None:
+                loss_adv_global = -critic_m(fake).float().mean()  # Eq. 3
                 loss_g = loss_g + engine.lambda_adv_global * loss_adv_global
                 out[keys.ADV_GLOBAL] = loss_adv_global.item()
-            loss_recon = engine.recon_loss(fake, target, weight)  # Eq. 6 (Eq. 1 when weight is None)
+            loss_recon = engine.recon_loss(fake.float(), target.float(), weight)  # Eq. 6 (Eq. 1 if weight is None)
             loss_g = loss_g + loss_recon
-        loss_g.backward()
-        engine.g_optimizer.step()
+        for term, value in ((keys.RECON, loss_recon), (keys.LOSS, loss_g)):
+            engine._check_finite(term, value)
+        engine._step("generator", loss_g, engine.g_optimizer)
 
         out[keys.RECON] = loss_recon.item()
         out[keys.LOSS] = loss_g.item()
         out[keys.ATTENTION_MEAN] = 1.0 if weight is None else weight.mean().item()
-        out[keys.IMAGE], out[keys.LABEL], out[keys.PRED] = source, target, fake_d
+        out[keys.IMAGE], out[keys.LABEL], out[keys.PRED] = source, target, fake_d.float()
         return out

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
+from ignite.engine import Events
 from monai.networks.nets import UNet
 
 from custom_components import (
@@ -131,3 +133,40 @@ def test_variant_and_network_mismatch_errors():
 def test_validate_hyperparameters_names_the_option(kwargs, name):
     with pytest.raises(ValueError, match=name):
         validate_hyperparameters(**kwargs)
+
+
+def test_bf16_autocast_trains_all_networks_on_cpu():
+    trainer, g, d1, d2 = _make("dual_attention", precision="bf16")
+    before = [copy.deepcopy(n.state_dict()) for n in (g, d1, d2)]
+    trainer.run()
+    assert all(_changed(n, b) for n, b in zip((g, d1, d2), before))
+    assert all(math.isfinite(v) for v in scalar_outputs(trainer.state.output).values())
+
+
+def test_fp16_needs_cuda_and_bad_precision_is_named():
+    with pytest.raises(ValueError, match="fp16"):
+        _make("unet", precision="fp16")
+    with pytest.raises(ValueError, match="precision"):
+        _make("unet", precision="int8")
+
+
+def test_lazy_gradient_penalty_every_k_critic_steps():
+    trainer, *_ = _make("global", n_critic=1, gp_interval=2)
+    seen = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.output.get("gradient_penalty")))
+    trainer.run()
+    assert seen[0] is None and seen[1] is not None
+
+
+def test_non_finite_loss_stops_before_updating_and_names_the_term():
+    trainer, g, d1, d2 = _make("dual")
+    trainer.run()  # one good epoch
+    good = [copy.deepcopy(n.state_dict()) for n in (g, d1, d2)]
+    bad = _batches(2)
+    bad[0]["label"][0, 0, 0, 0] = float("nan")  # a NaN in the target poisons the critic loss first
+    trainer.state.max_epochs = 2
+    trainer.data_loader = bad
+    trainer.set_data(bad)
+    with pytest.raises(FloatingPointError, match=r"iteration 3 .*'loss_critic' is nan"):
+        trainer.run()
+    assert not any(_changed(n, b) for n, b in zip((g, d1, d2), good))
