@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["DatalistError", "PrepareSourceTarget", "as_flag", "check_datalist", "check_run_dirs", "latest_checkpoint", "load_datalist"]
+__all__ = ["DatalistError", "PrepareSourceTarget", "as_flag", "main_rank_only", "check_datalist", "check_run_dirs", "latest_checkpoint", "load_datalist"]
 
 logger = logging.getLogger(__name__)
 
@@ -171,3 +171,26 @@ def as_flag(value: bool | str | int, name: str = "flag") -> bool:
     if text in ("false", "0", "no", "off", "none", "null", ""):
         return False
     raise ValueError(f"{name} must be true or false, got {value!r}.")
+
+
+def main_rank_only(fn, *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn`` on the main process only (rank 0) when ``torch.distributed`` is initialised, else just run it.
+
+    Used for steps that write shared files (generating the phantom, clearing an old run). The other ranks wait;
+    an error on rank 0 is re-raised on every rank so no process is left waiting.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return fn(*args, **kwargs)
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            error = f"{type(e).__name__}: {e}"
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise RuntimeError(f"rank 0 failed: {box[0]}")
+    return result

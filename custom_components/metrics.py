@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import ignite.distributed as idist
 from ignite.engine import Engine
 from ignite.metrics import Metric
 from monai.utils import StrEnum
@@ -90,7 +91,10 @@ class MaskedRegressionMetric(Metric):
                 self._values.append(v)
 
     def compute(self) -> float:
-        return sum(self._values) / len(self._values) if self._values else math.nan
+        total, count = float(sum(self._values)), float(len(self._values))
+        if idist.get_world_size() > 1:  # volumes are split across ranks: average over all of them
+            total, count = idist.all_reduce(torch.tensor([total, count], dtype=torch.float64)).tolist()
+        return total / count if count else math.nan
 
     def iteration_completed(self, engine: Engine) -> None:
         pred, target = self._output_transform(engine.state.output)
