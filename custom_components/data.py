@@ -60,11 +60,10 @@ def check_datalist(items: Sequence[dict], image_keys: Sequence[str] = ("source",
 
     Returns ``items`` unchanged, so the call can sit between a datalist and a dataset in a config.
     """
-    from monai.transforms import LoadImage
+    from .readers import load_image as loader
 
     if len(items) == 0:
         raise DatalistError(f"{name}: the list of subjects is empty.")
-    loader = LoadImage(image_only=True)
     problems: list[str] = []
     for i, item in enumerate(items):
         subject = item.get("subject", f"#{i}")

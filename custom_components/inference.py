@@ -73,9 +73,8 @@ def screen_inputs(items: Sequence[dict], output_dir: str, source_key: str = "sou
     A file is set aside (with its reason) if it cannot be read, is not a 3D volume (a 4D file with one channel is
     accepted), holds non-finite values, or if one of its outputs already exists and ``overwrite`` is false.
     """
-    from monai.transforms import LoadImage
+    from .readers import load_image as loader
 
-    loader = LoadImage(image_only=True)
     good, failed = [], []
     for item in items:
         path = item.get(source_key)

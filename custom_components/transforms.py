@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 from monai.transforms import InvertibleTransform, MapTransform
 from monai.utils import TraceKeys
 
-__all__ = ["InvertibleIntensityWindowd"]
+__all__ = ["InvertibleIntensityWindowd", "SamplingWeightd"]
 
 
 class InvertibleIntensityWindowd(MapTransform, InvertibleTransform):
@@ -86,3 +86,38 @@ class InvertibleIntensityWindowd(MapTransform, InvertibleTransform):
     def invert_values(self, img: torch.Tensor, a_min: float, a_max: float) -> torch.Tensor:
         """Map normalised values back to the window [a_min, a_max]'s scale."""
         return (img - self.b_min) / (self.b_max - self.b_min) * (a_max - a_min) + a_min
+
+
+class SamplingWeightd(MapTransform):
+    """Weight map for ``RandWeightedCropd``: 1 inside the foreground mask, plus ``tumour_weight`` inside the label.
+
+    With ``tumour_weight = 0`` patch (or slice) centres are drawn uniformly inside the foreground; a positive value
+    over-samples tumours, e.g. 4 makes a tumour voxel five times as likely a centre as a normal brain voxel.
+    Without a mask the whole image is foreground.
+
+    Args:
+        mask_key: foreground mask key (optional in the data).
+        label_key: tumour label key (optional in the data; voxels > 0 count).
+        tumour_weight: extra weight of tumour voxels, >= 0.
+        ref_key: image whose shape is used when there is no mask.
+        output_key: key of the weight map.
+    """
+
+    def __init__(self, mask_key: str = "mask", label_key: str = "label", tumour_weight: float = 0.0,
+                 ref_key: str = "source", output_key: str = "sampling_weight") -> None:
+        super().__init__([ref_key], allow_missing_keys=False)
+        if tumour_weight < 0:
+            raise ValueError(f"tumour_weight must be >= 0, got {tumour_weight!r}.")
+        self.mask_key, self.label_key, self.ref_key = mask_key, label_key, ref_key
+        self.tumour_weight, self.output_key = float(tumour_weight), output_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        ref = torch.as_tensor(d[self.ref_key])
+        mask = d.get(self.mask_key)
+        weight = (torch.as_tensor(mask) > 0).float() if mask is not None else torch.ones_like(ref, dtype=torch.float32)
+        label = d.get(self.label_key)
+        if label is not None and self.tumour_weight > 0:
+            weight = weight + self.tumour_weight * (torch.as_tensor(label) > 0).float()
+        d[self.output_key] = weight
+        return d

@@ -1,0 +1,695 @@
+"""Deterministic paired phantom data set: the project's built-in data set.
+
+Two synthetic paired head data sets are generated from one anatomy model:
+
+* ``task="t1t2"``: brain-tumour phantom for T1 -> T2 synthesis. Each subject has
+  a ``t1`` and ``t2`` image, a BraTS-style tumour segmentation ``seg`` (labels
+  0 background, 1 necrotic core, 2 oedema, 4 enhancing rim) and a ``brainmask``
+  (the intracranial volume: brain, CSF and tumour, without skull and scalp).
+* ``task="mrct"``: MRI -> CT head phantom. Each subject has a T1-like ``mr``
+  image in which bone and air are both dark, a ``ct`` image in Hounsfield units
+  and a body ``mask`` (the whole head including skull and scalp).
+
+The anatomy is built in a reference frame measured in millimetres: a head
+ellipsoid with skin, subcutaneous fat and a skull (outer table, diploe, inner
+table) that thickens towards the skull base, air-filled sinuses inside the
+anterior skull base, a CSF layer with sulci, a folded grey-matter ribbon, white
+matter, deep grey matter, lateral and third ventricles and an interhemispheric
+fissure. Every subject varies in shape (radii, rotation, shift), tissue
+intensities, bias field and noise. The tumour's T2 appearance carries its own
+texture and is deliberately not a pointwise function of the T1 intensity.
+
+Everything is numpy + ``scipy.ndimage``; a subject of the default size
+(96 x 96 x 48) takes a fraction of a second. The same seed gives identical
+arrays: subject ``i`` draws from ``np.random.default_rng([seed, i])``.
+
+Example::
+
+    from custom_components.phantom import ensure_phantom
+    datalist = ensure_phantom("data/phantom_t1t2", task="t1t2", seed=0)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "TASKS",
+    "TISSUE_LABELS",
+    "SEG_LABELS",
+    "PHANTOM_VERSION",
+    "MIN_SIZE",
+    "make_subject",
+    "make_affine",
+    "subject_rng",
+    "subject_id",
+    "write_phantom_dataset",
+    "ensure_phantom",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Version of the generator; stored in ``phantom.json`` so a data set made by an
+#: older generator is not silently reused.
+PHANTOM_VERSION = 1
+
+#: Image keys written to disk per task (``tissue`` is returned, never written).
+TASKS: dict[str, tuple[str, ...]] = {
+    "t1t2": ("t1", "t2", "seg", "brainmask"),
+    "mrct": ("mr", "ct", "mask"),
+}
+
+#: Datalist key -> image key, per task.
+_DATALIST_KEYS: dict[str, dict[str, str]] = {
+    "t1t2": {"source": "t1", "target": "t2", "label": "seg", "mask": "brainmask"},
+    "mrct": {"source": "mr", "target": "ct", "mask": "mask"},
+}
+
+#: Smallest allowed size of the volume along each axis, in voxels.
+MIN_SIZE = 32
+
+#: Integer codes of the ``tissue`` map returned by :func:`make_subject`.
+TISSUE_LABELS: dict[str, int] = {
+    "background": 0,
+    "skin": 1,
+    "fat": 2,
+    "cortical_bone": 3,
+    "diploe": 4,
+    "sinus": 5,
+    "csf": 6,
+    "gm": 7,
+    "deep_gm": 8,
+    "wm": 9,
+    "necrosis": 10,
+    "enhancing": 11,
+    "oedema": 12,
+}
+
+#: BraTS label values of the ``seg`` image.
+SEG_LABELS: dict[str, int] = {"background": 0, "necrosis": 1, "oedema": 2, "enhancing": 4}
+
+_BG, _SKIN, _FAT, _CBONE, _DIPLOE, _SINUS = 0, 1, 2, 3, 4, 5
+_CSF, _GM, _DGM, _WM, _NEC, _ENH, _OED = 6, 7, 8, 9, 10, 11, 12
+_N_TISSUES = 13
+
+# Mean intensities per tissue: (T1 a.u., T2 a.u., CT HU). Bone and air are dark
+# in both MR contrasts; fat is bright in T1; CSF is dark in T1, bright in T2.
+_TISSUE_MEANS: dict[int, tuple[float, float, float]] = {
+    _BG: (0.0, 0.0, -1000.0),
+    _SKIN: (500.0, 420.0, 45.0),
+    _FAT: (880.0, 640.0, -90.0),
+    _CBONE: (60.0, 45.0, 1550.0),
+    _DIPLOE: (200.0, 170.0, 850.0),
+    _SINUS: (0.0, 0.0, -1000.0),
+    _CSF: (140.0, 1400.0, 8.0),
+    _GM: (440.0, 720.0, 40.0),
+    _DGM: (520.0, 620.0, 38.0),
+    _WM: (650.0, 500.0, 28.0),
+    _NEC: (210.0, 1300.0, 15.0),
+    _ENH: (480.0, 780.0, 45.0),
+    _OED: (0.0, 1120.0, 22.0),  # oedema T1 is relative to the underlying tissue
+}
+_OEDEMA_T1_FACTOR = 0.88  # oedema is only slightly darker than its tissue in T1
+
+# Reference field of view (mm) the anatomy is designed for; smaller fields of view
+# scale the head down so it always fits.
+_REF_FOV_MM = np.array([192.0, 192.0, 144.0])
+_HEAD_RADII_MM = np.array([76.0, 92.0, 63.0])
+
+_SUBJECT_DIR_RE = re.compile(r"^phantom_(t1t2|mrct)_\d+$")
+
+
+# --------------------------------------------------------------------------- #
+# small numeric helpers
+# --------------------------------------------------------------------------- #
+def _smoothstep(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Cubic step from 0 (``x <= lo``) to 1 (``x >= hi``)."""
+    t = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+def _bump(x: np.ndarray, width: float) -> np.ndarray:
+    """Tent function: 1 at ``x == 0`` falling linearly to 0 at ``|x| >= width``."""
+    return np.maximum(0.0, 1.0 - np.abs(x) / width)
+
+
+def _smooth_field(
+    rng: np.random.Generator, shape: tuple[int, int, int], voxel_mm: np.ndarray, corr_mm: float
+) -> np.ndarray:
+    """Zero-mean, unit-std Gaussian random field with correlation length ~``corr_mm``.
+
+    White noise is drawn on a coarse grid (about two coarse voxels per correlation
+    length), smoothed there and linearly upsampled, so a smooth field costs about
+    the same as a rough one.
+
+    Args:
+        rng: random generator (consumed in a fixed order).
+        shape: output shape in voxels.
+        voxel_mm: voxel size in millimetres, per axis.
+        corr_mm: correlation length in millimetres.
+
+    Returns:
+        float32 array of ``shape``.
+    """
+    shape_arr = np.asarray(shape)
+    step = np.maximum(1, np.floor(corr_mm / (2.0 * voxel_mm))).astype(int)
+    coarse = shape_arr // step + 3
+    noise = rng.standard_normal(tuple(int(c) for c in coarse), dtype=np.float32)
+    field = ndimage.gaussian_filter(noise, sigma=corr_mm / (voxel_mm * step), mode="wrap")
+    if np.any(step > 1):
+        field = ndimage.zoom(field, shape_arr / coarse, order=1, mode="nearest", grid_mode=False)
+    field = field[: shape[0], : shape[1], : shape[2]]
+    if field.shape != tuple(shape):  # safety net for rounding in zoom
+        field = np.pad(field, [(0, s - f) for s, f in zip(shape, field.shape)], mode="edge")
+    field = field - field.mean(dtype=np.float64)
+    field /= max(float(field.std(dtype=np.float64)), 1e-8)
+    return field.astype(np.float32, copy=False)
+
+
+def _ellipsoid_sdf(q: Sequence[np.ndarray], radii: Sequence[float]) -> np.ndarray:
+    """Approximate signed distance (mm, negative inside) to an axis-aligned ellipsoid.
+
+    Uses the gradient-normalised implicit function ``k0 * (k0 - 1) / k1``, which is
+    exact on the surface and a good approximation near it.
+    """
+    k0 = np.sqrt(sum((qi / r) ** 2 for qi, r in zip(q, radii)))
+    k1 = np.sqrt(sum((qi / (r * r)) ** 2 for qi, r in zip(q, radii)))
+    safe = k1 > 1e-9
+    return np.where(safe, k0 * (k0 - 1.0) / np.where(safe, k1, 1.0), -float(min(radii)))
+
+
+def _rotation(rx: float, ry: float, rz: float) -> np.ndarray:
+    """Rotation matrix from Euler angles in radians (applied x, then y, then z)."""
+    cx, sx, cy, sy, cz, sz = math.cos(rx), math.sin(rx), math.cos(ry), math.sin(ry), math.cos(rz), math.sin(rz)
+    mx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    my = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    mz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return mz @ my @ mx
+
+
+def _jitter(rng: np.random.Generator, value: float, rel: float) -> float:
+    """``value`` times a normal factor ``1 + rel * N(0, 1)`` clipped to ``1 +- 2 rel``."""
+    return float(value * (1.0 + rel * np.clip(rng.standard_normal(), -2.0, 2.0)))
+
+
+# --------------------------------------------------------------------------- #
+# argument validation
+# --------------------------------------------------------------------------- #
+def _check_task(task: Any) -> str:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got task={task!r}")
+    return str(task)
+
+
+def _check_shape(shape: Any) -> tuple[int, int, int]:
+    try:
+        values = tuple(shape)
+    except TypeError:
+        raise ValueError(f"shape must be a sequence of 3 integers, got shape={shape!r}") from None
+    if len(values) != 3 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"shape must be a sequence of 3 integers, got shape={shape!r}")
+    if any(v < 1 for v in values):
+        raise ValueError(f"shape must be positive, got shape={shape!r}")
+    if any(v < MIN_SIZE for v in values):
+        raise ValueError(f"shape must be at least {MIN_SIZE} voxels per axis, got shape={shape!r}")
+    return (int(values[0]), int(values[1]), int(values[2]))
+
+
+def _check_spacing(spacing: Any) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in spacing)
+    except (TypeError, ValueError):
+        raise ValueError(f"spacing must be a sequence of 3 positive numbers, got spacing={spacing!r}") from None
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"spacing must be a sequence of 3 positive numbers, got spacing={spacing!r}")
+    return (values[0], values[1], values[2])
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
+    return int(value)
+
+
+# --------------------------------------------------------------------------- #
+# anatomy
+# --------------------------------------------------------------------------- #
+def _build_anatomy(
+    shape: tuple[int, int, int], spacing: tuple[float, float, float], rng: np.random.Generator, tumours: bool
+) -> dict[str, np.ndarray]:
+    """Label every voxel with a tissue class; returns the maps needed for synthesis.
+
+    Returns a dict with ``tissue`` (uint8, final labels), ``anat`` (uint8, labels
+    before tumours were inserted), ``head`` and ``icv`` (bool) and ``skull_pos``
+    (float32, 0 at the outer and 1 at the inner surface of the skull).
+    """
+    spacing_arr = np.asarray(spacing, dtype=np.float64)
+    fov = np.asarray(shape) * spacing_arr
+    scale = min(1.0, float(np.min(fov / _REF_FOV_MM)))  # shrink the head to fit small FOVs
+    vox = spacing_arr / scale  # voxel size in reference-frame millimetres
+
+    # subject pose: scanner grid (centred) -> head frame
+    angles = np.deg2rad([rng.uniform(-8, 8), rng.uniform(-5, 5), rng.uniform(-10, 10)])
+    rot = _rotation(*angles)
+    shift = rng.uniform(-1, 1, 3) * np.array([6.0, 6.0, 4.0])
+    axes = [((np.arange(n) - (n - 1) / 2.0) * v - t) for n, v, t in zip(shape, vox, shift)]
+    grid = np.meshgrid(*[a.astype(np.float32) for a in axes], indexing="ij", sparse=True)
+    # q = R^T (p - t): coordinates in the head frame (x right, y anterior, z superior)
+    qx, qy, qz = (sum(np.float32(rot[i, j]) * grid[i] for i in range(3)) for j in range(3))
+
+    # ---- head, scalp and skull -------------------------------------------------
+    radii = _HEAD_RADII_MM * rng.uniform(0.94, 1.06, 3)
+    depth_head = -_ellipsoid_sdf((qx, qy, qz), radii) - 2.5 * _smooth_field(rng, shape, vox, 30.0)
+    head = depth_head > 0
+
+    t_scalp = rng.uniform(5.0, 7.0) + 1.0 * _smooth_field(rng, shape, vox, 25.0)
+    t_skull = np.maximum(4.0, rng.uniform(6.0, 8.0) + 1.5 * _smooth_field(rng, shape, vox, 20.0))
+    # skull base: thick bone inferiorly, thicker still anteriorly (face / sinuses)
+    zr, yr = qz / radii[2], qy / radii[1]
+    base = _smoothstep(-zr, 0.0, 0.6) * (0.3 + 0.7 * _smoothstep(yr, -0.3, 0.5))
+    t_skull = t_skull + rng.uniform(16.0, 22.0) * base
+    depth_skull = depth_head - t_scalp  # depth below the outer table
+    depth_ic = depth_skull - t_skull  # depth below the inner table (>0: intracranial)
+    icv = depth_ic > 0
+    skull_pos = np.clip(depth_skull / t_skull, 0.0, 1.0).astype(np.float32)
+
+    tissue = np.zeros(shape, dtype=np.uint8)
+    tissue[head] = _FAT
+    tissue[head & (depth_head < rng.uniform(1.6, 2.4))] = _SKIN
+    in_skull = head & (depth_skull > 0) & ~icv
+    outer_t = np.clip(0.3 * t_skull, 1.5, 3.0)
+    inner_t = np.clip(0.25 * t_skull, 1.2, 2.5)
+    cortical = (depth_skull < outer_t) | (depth_ic > -inner_t)
+    tissue[in_skull] = _DIPLOE
+    tissue[in_skull & cortical] = _CBONE
+
+    # ---- air sinuses inside the anterior skull base (bone walls >= 2 mm) --------
+    sinus_dirs = [(0.0, 0.93, -0.2), (-0.35, 0.72, -0.58), (0.35, 0.72, -0.58), (0.0, 0.45, -0.85)]
+    sinus_sizes = [7.0, 10.0, 10.0, 8.0]
+    blob = _smooth_field(rng, shape, vox, 8.0)
+    sinus = np.zeros(shape, dtype=bool)
+    for direction, size in zip(sinus_dirs, sinus_sizes):
+        u = np.asarray(direction) / np.linalg.norm(direction)
+        centre = u * radii * rng.uniform(0.8, 0.86)
+        r = size * rng.uniform(0.75, 1.25)
+        dist = np.sqrt((qx - centre[0]) ** 2 + (qy - centre[1]) ** 2 + (qz - centre[2]) ** 2) / r
+        sinus |= dist * (1.0 + 0.2 * blob) < 1.0
+    sinus &= (depth_skull > 2.0) & (depth_ic < -2.0)
+    tissue[sinus] = _SINUS
+
+    # ---- intracranial: CSF, folded cortex, white matter ------------------------
+    fold = _smooth_field(rng, shape, vox, 9.0)
+    t_csf = rng.uniform(2.0, 3.0)
+    sulcus_depth = rng.uniform(10.0, 14.0)
+    t_gm = np.maximum(3.0, rng.uniform(5.0, 6.5) + 0.8 * _smooth_field(rng, shape, vox, 15.0))
+    csf_sulcal = depth_ic - sulcus_depth * _bump(fold, 0.22) < t_csf
+    # interhemispheric fissure above the corpus callosum, full depth at the poles
+    fissure_w = rng.uniform(0.9, 1.5)
+    z_cc = 24.0 - 70.0 * _smoothstep(np.abs(qy), 32.0, 48.0)
+    dist_fissure = np.sqrt(np.maximum(np.abs(qx) - fissure_w, 0.0) ** 2 + np.maximum(z_cc - qz, 0.0) ** 2)
+    csf = csf_sulcal | (dist_fissure <= 0.0)
+    wm_depth = np.minimum(depth_ic - t_csf - sulcus_depth * _bump(fold, 0.6), dist_fissure)
+    wm = wm_depth > t_gm
+    tissue[icv] = _GM
+    tissue[icv & wm] = _WM
+    tissue[icv & csf] = _CSF
+
+    # deep grey matter (thalami, basal ganglia) and ventricles
+    deform = _smooth_field(rng, shape, vox, 10.0)
+    for cx, cy, cz, rx, ry, rz in ((13.0, -6.0, 2.0, 9.0, 13.0, 9.0), (19.0, 9.0, 4.0, 6.5, 12.0, 9.0)):
+        for side in (-1.0, 1.0):
+            d = _ellipsoid_sdf((qx - side * cx, qy - cy, qz - cz), (rx, ry, rz)) + 1.2 * deform
+            tissue[icv & (d < 0) & (tissue == _WM)] = _DGM
+    vent_scale = rng.uniform(0.75, 1.3)
+    for side in (-1.0, 1.0):  # banana-shaped lateral ventricles
+        zc = 12.0 - 0.012 * qy**2
+        d = _ellipsoid_sdf((qx - side * 7.5, qy + 2.0, qz - zc), (7.0 * vent_scale, 26.0, 8.0 * vent_scale))
+        tissue[icv & (d + 1.2 * deform < 0)] = _CSF
+    d3 = _ellipsoid_sdf((qx, qy + 2.0, qz - 1.0), (1.5 * vent_scale, 10.0, 7.0))
+    tissue[icv & (d3 < 0)] = _CSF
+
+    anat = tissue.copy()
+    if tumours:
+        _insert_tumours(tissue, anat, icv, depth_ic, (qx, qy, qz), vox, rng)
+    return {"tissue": tissue, "anat": anat, "head": head, "icv": icv, "skull_pos": skull_pos}
+
+
+def _insert_tumours(
+    tissue: np.ndarray,
+    anat: np.ndarray,
+    icv: np.ndarray,
+    depth_ic: np.ndarray,
+    q: tuple[np.ndarray, np.ndarray, np.ndarray],
+    vox: np.ndarray,
+    rng: np.random.Generator,
+) -> None:
+    """Insert 1-3 irregular tumours (necrosis, enhancing rim, oedema) in place."""
+    shape = tissue.shape
+    qx, qy, qz = q
+    shape_noise = _smooth_field(rng, shape, vox, 10.0)
+    oedema_noise = _smooth_field(rng, shape, vox, 12.0)
+    parenchyma = (anat == _WM) | (anat == _GM) | (anat == _DGM)
+    level = np.zeros(shape, dtype=np.uint8)  # 0 none, 1 oedema, 2 enhancing, 3 necrosis
+    n_tumours = int(rng.integers(1, 4))
+    for _ in range(n_tumours):
+        radius = rng.uniform(8.0, 16.0)
+        candidates = np.flatnonzero((anat == _WM) & (depth_ic > 1.4 * radius + 4.0))
+        if candidates.size == 0:  # tiny brain: fall back to the deepest voxel
+            candidates = np.array([int(np.argmax(np.where(icv, depth_ic, -np.inf)))])
+        centre_idx = np.unravel_index(int(candidates[rng.integers(candidates.size)]), shape)
+        cx, cy, cz = (float(np.broadcast_to(a, shape)[centre_idx]) for a in (qx, qy, qz))
+        dist = np.sqrt((qx - cx) ** 2 + (qy - cy) ** 2 + (qz - cz) ** 2) / radius
+        dist = dist * (1.0 + 0.22 * shape_noise)
+        core_frac = rng.uniform(0.45, 0.7)
+        oedema_extent = rng.uniform(1.5, 2.3) * (1.0 + 0.25 * oedema_noise)
+        # make sure the centre voxel itself is tumour, so every subject has a tumour
+        dist[centre_idx] = 0.0
+        level = np.maximum(level, np.where(dist < oedema_extent, 1, 0).astype(np.uint8) * parenchyma)
+        level = np.maximum(level, np.where(dist < 1.0, 2, 0).astype(np.uint8) * icv)
+        level = np.maximum(level, np.where(dist < core_frac, 3, 0).astype(np.uint8) * icv)
+    tissue[level == 1] = _OED
+    tissue[level == 2] = _ENH
+    tissue[level == 3] = _NEC
+
+
+# --------------------------------------------------------------------------- #
+# image synthesis
+# --------------------------------------------------------------------------- #
+def _mr_image(
+    anatomy: dict[str, np.ndarray],
+    contrast: int,
+    shape: tuple[int, int, int],
+    vox: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Synthesise an MR image (``contrast`` 0 = T1, 1 = T2) from the tissue maps.
+
+    Per-subject jittered tissue means, a faint smooth within-tissue variation, a
+    tumour texture in T2 only, partial-volume blur, a smooth multiplicative bias
+    field and Rician noise.
+    """
+    tissue, anat = anatomy["tissue"], anatomy["anat"]
+    table = np.array([_jitter(rng, _TISSUE_MEANS[k][contrast], 0.05) for k in range(_N_TISSUES)], np.float32)
+    image = table[tissue]
+    oedema = tissue == _OED
+    if contrast == 0:  # T1: oedema only slightly darker than the tissue it infiltrates
+        image[oedema] = _OEDEMA_T1_FACTOR * table[anat[oedema]]
+    image *= 1.0 + 0.03 * _smooth_field(rng, shape, vox, 20.0)
+    tumour = tissue >= _NEC
+    if contrast == 1 and tumour.any():
+        # heterogeneous T2 texture inside the tumour, absent from T1
+        texture = _smooth_field(rng, shape, vox, 4.0)
+        strength = np.where(tissue == _ENH, 0.3, np.where(tissue == _NEC, 0.2, 0.15)).astype(np.float32)
+        image[tumour] *= np.clip(1.0 + strength[tumour] * texture[tumour], 0.3, None)
+    elif tumour.any():
+        texture = _smooth_field(rng, shape, vox, 6.0)
+        image[tumour] *= 1.0 + 0.03 * texture[tumour]
+    image = ndimage.gaussian_filter(image, sigma=0.5)  # partial volume / PSF
+    image *= np.exp(rng.uniform(0.08, 0.15) * _smooth_field(rng, shape, vox, 80.0))
+    sigma = rng.uniform(0.015, 0.03) * float(table[_WM] if contrast == 0 else table[_GM])
+    real = image + sigma * rng.standard_normal(shape, dtype=np.float32)
+    imag = sigma * rng.standard_normal(shape, dtype=np.float32)
+    return np.sqrt(real * real + imag * imag).astype(np.float32)
+
+
+def _ct_image(
+    anatomy: dict[str, np.ndarray], shape: tuple[int, int, int], vox: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Synthesise a CT image in Hounsfield units from the tissue maps.
+
+    Bone density varies in space: the outer table is densest, the inner table a
+    little less, the diploe much less.
+    """
+    tissue = anatomy["tissue"]
+    table = np.array([_TISSUE_MEANS[k][2] for k in range(_N_TISSUES)], np.float32)
+    for k in (_SKIN, _FAT, _CSF, _GM, _DGM, _WM, _NEC, _ENH, _OED):
+        table[k] += np.float32(rng.normal(0.0, 3.0))
+    image = table[tissue]
+    density = _smooth_field(rng, shape, vox, 15.0)
+    cortical = tissue == _CBONE
+    outer = np.clip(1.0 - anatomy["skull_pos"], 0.0, 1.0)  # 1 at the outer surface
+    cortical_hu = rng.uniform(1350.0, 1500.0) + 350.0 * outer + 120.0 * density
+    diploe_hu = rng.uniform(800.0, 900.0) + 90.0 * density
+    image[cortical] = np.clip(cortical_hu[cortical], 1100.0, 1950.0)
+    diploe = tissue == _DIPLOE
+    image[diploe] = np.clip(diploe_hu[diploe], 720.0, 1100.0)
+    image = ndimage.gaussian_filter(image, sigma=0.3)  # slight partial volume
+    image += rng.uniform(4.0, 8.0) * rng.standard_normal(shape, dtype=np.float32)
+    return np.clip(image, -1024.0, 3071.0).astype(np.float32)
+
+
+def subject_rng(seed: int, index: int) -> np.random.Generator:
+    """Random generator of subject ``index`` for data set ``seed``."""
+    return np.random.default_rng([int(seed), int(index)])
+
+
+def make_subject(
+    task: str,
+    shape: tuple[int, int, int] = (96, 96, 48),
+    spacing: Sequence[float] = (2.0, 2.0, 3.0),
+    rng: np.random.Generator | None = None,
+) -> dict[str, np.ndarray]:
+    """Generate the arrays of one phantom subject.
+
+    Args:
+        task: ``"t1t2"`` or ``"mrct"``.
+        shape: volume shape in voxels, at least 32 per axis.
+        spacing: voxel size in millimetres.
+        rng: random generator; the arrays are a deterministic function of its state.
+
+    Returns:
+        ``t1t2``: ``t1``, ``t2`` (float32), ``seg`` (uint8, labels {0, 1, 2, 4}),
+        ``brainmask`` (uint8) and ``tissue`` (uint8, see :data:`TISSUE_LABELS`).
+        ``mrct``: ``mr`` (float32), ``ct`` (float32, HU), ``mask`` (uint8) and
+        ``tissue``. ``tissue`` is meant for tests and analysis, not written to disk.
+    """
+    task = _check_task(task)
+    shape = _check_shape(shape)
+    spacing = _check_spacing(spacing)
+    if rng is None:
+        rng = np.random.default_rng(0)
+    anatomy = _build_anatomy(shape, spacing, rng, tumours=(task == "t1t2"))
+    fov = np.asarray(shape) * np.asarray(spacing)
+    vox = np.asarray(spacing) / min(1.0, float(np.min(fov / _REF_FOV_MM)))
+    tissue = anatomy["tissue"]
+    if task == "t1t2":
+        seg = np.zeros(shape, dtype=np.uint8)
+        seg[tissue == _NEC] = SEG_LABELS["necrosis"]
+        seg[tissue == _OED] = SEG_LABELS["oedema"]
+        seg[tissue == _ENH] = SEG_LABELS["enhancing"]
+        return {
+            "t1": _mr_image(anatomy, 0, shape, vox, rng),
+            "t2": _mr_image(anatomy, 1, shape, vox, rng),
+            "seg": seg,
+            "brainmask": anatomy["icv"].astype(np.uint8),
+            "tissue": tissue,
+        }
+    return {
+        "mr": _mr_image(anatomy, 0, shape, vox, rng),
+        "ct": _ct_image(anatomy, shape, vox, rng),
+        "mask": anatomy["head"].astype(np.uint8),
+        "tissue": tissue,
+    }
+
+
+# --------------------------------------------------------------------------- #
+# data set on disk
+# --------------------------------------------------------------------------- #
+def make_affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
+    """RAS affine with diagonal ``spacing`` and the origin placed so the volume is centred."""
+    affine = np.diag([float(s) for s in spacing] + [1.0])
+    affine[:3, 3] = -(np.asarray(shape, dtype=np.float64) - 1.0) / 2.0 * np.asarray(spacing, dtype=np.float64)
+    return affine
+
+
+def subject_id(task: str, index: int) -> str:
+    """Subject identifier, e.g. ``phantom_t1t2_000``."""
+    return f"phantom_{task}_{index:03d}"
+
+
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    import nibabel as nib  # imported lazily: keeps importing this module cheap
+
+    image = nib.Nifti1Image(array, affine)
+    image.header.set_data_dtype(array.dtype)
+    image.header.set_xyzt_units("mm")
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    nib.save(image, str(path))
+
+
+def _parameters(
+    task: str,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    seed: int,
+) -> dict[str, Any]:
+    return {
+        "generator": "custom_components.phantom",
+        "version": PHANTOM_VERSION,
+        "task": task,
+        "n_train": n_train,
+        "n_val": n_val,
+        "n_test": n_test,
+        "shape": list(shape),
+        "spacing": list(spacing),
+        "seed": seed,
+    }
+
+
+def _expected_files(params: dict[str, Any]) -> list[str]:
+    """Relative paths of every image a data set with ``params`` consists of."""
+    n_total = params["n_train"] + params["n_val"] + params["n_test"]
+    return [
+        f"{subject_id(params['task'], i)}/{key}.nii.gz" for i in range(n_total) for key in TASKS[params["task"]]
+    ]
+
+
+def _differences(old: Any, new: dict[str, Any]) -> list[str]:
+    if not isinstance(old, dict):
+        return [f"phantom.json is not a parameter dict: {old!r}"]
+    return [f"{k}: existing {old.get(k)!r} != requested {new[k]!r}" for k in new if old.get(k) != new[k]]
+
+
+def write_phantom_dataset(
+    output_dir: str | os.PathLike[str],
+    task: str = "t1t2",
+    n_train: int = 16,
+    n_val: int = 4,
+    n_test: int = 4,
+    shape: Sequence[int] = (96, 96, 48),
+    spacing: Sequence[float] = (2.0, 2.0, 3.0),
+    seed: int = 0,
+    overwrite: bool = False,
+) -> str:
+    """Write a phantom data set and its MONAI datalist; return the datalist path.
+
+    Layout: ``<output_dir>/<subject_id>/<key>.nii.gz``, ``<output_dir>/datalist.json``
+    (``{"task", "training", "validation", "test"}``, image paths relative to
+    ``output_dir``) and ``<output_dir>/phantom.json`` (generation parameters).
+
+    Never overwrites silently: if ``output_dir`` holds a complete data set with the
+    same parameters it is reused (an incomplete one is completed); if it holds one
+    with other parameters, or files that are not a phantom data set,
+    :class:`FileExistsError` is raised. ``overwrite=True`` always regenerates: it
+    removes the previous phantom subject folders, ``datalist.json`` and
+    ``phantom.json``, and leaves unrelated files alone.
+
+    Args:
+        output_dir: target folder (created if missing).
+        task: ``"t1t2"`` or ``"mrct"``.
+        n_train: number of training subjects (>= 1).
+        n_val: number of validation subjects (>= 0).
+        n_test: number of test subjects (>= 0).
+        shape: volume shape, at least 32 voxels per axis.
+        spacing: voxel size in millimetres.
+        seed: non-negative seed; subject ``i`` uses ``subject_rng(seed, i)``.
+        overwrite: regenerate even if a data set is present (replacing it).
+
+    Returns:
+        Path of ``datalist.json`` as a string.
+    """
+    task = _check_task(task)
+    n_train = _check_int("n_train", n_train, 1)
+    n_val = _check_int("n_val", n_val, 0)
+    n_test = _check_int("n_test", n_test, 0)
+    shape = _check_shape(shape)
+    spacing = _check_spacing(spacing)
+    seed = _check_int("seed", seed, 0)
+    params = _parameters(task, n_train, n_val, n_test, shape, spacing, seed)
+
+    out = Path(output_dir)
+    datalist_path = out / "datalist.json"
+    params_path = out / "phantom.json"
+    expected = _expected_files(params)
+
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output_dir {str(out)!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if params_path.is_file():
+            try:
+                old = json.loads(params_path.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                old = f"<unreadable: {err}>"
+            diff = _differences(old, params)
+            if not diff and not overwrite:
+                if datalist_path.is_file() and all((out / f).is_file() for f in expected):
+                    logger.info("phantom data set already present in %s, reusing it", out)
+                    return str(datalist_path)
+                logger.warning("phantom data set in %s is incomplete; generating it again", out)
+            elif not overwrite:
+                raise FileExistsError(
+                    f"output_dir {str(out)!r} holds a phantom data set with different parameters "
+                    f"({'; '.join(diff)}); pass overwrite=True to replace it or choose another folder"
+                )
+        elif not overwrite:
+            entries = sorted(p.name for p in out.iterdir())
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            raise FileExistsError(
+                f"output_dir {str(out)!r} is not empty and holds no phantom data set (found: {shown}); "
+                "pass overwrite=True to write into it or choose another folder"
+            )
+        if overwrite:
+            logger.info("overwrite=True: removing the previous phantom data set in %s", out)
+            for entry in out.iterdir():
+                if entry.is_dir() and _SUBJECT_DIR_RE.match(entry.name):
+                    shutil.rmtree(entry)
+            for name in ("datalist.json", "phantom.json"):
+                (out / name).unlink(missing_ok=True)
+
+    out.mkdir(parents=True, exist_ok=True)
+    datalist_path.unlink(missing_ok=True)  # the datalist is written last: it marks completion
+    params_path.write_text(json.dumps(params, indent=2) + "\n")
+
+    affine = make_affine(shape, spacing)
+    splits = (("training", n_train), ("validation", n_val), ("test", n_test))
+    datalist: dict[str, Any] = {"task": task}
+    index = 0
+    n_total = n_train + n_val + n_test
+    for split, count in splits:
+        items = []
+        for _ in range(count):
+            sid = subject_id(task, index)
+            arrays = make_subject(task, shape, spacing, subject_rng(seed, index))
+            (out / sid).mkdir(exist_ok=True)
+            for key in TASKS[task]:
+                _save_nifti(arrays[key], affine, out / sid / f"{key}.nii.gz")
+            item = {"subject": sid}
+            item.update({dl_key: f"{sid}/{img_key}.nii.gz" for dl_key, img_key in _DATALIST_KEYS[task].items()})
+            items.append(item)
+            index += 1
+            logger.info("phantom %s: wrote subject %d/%d (%s, %s)", task, index, n_total, sid, split)
+        datalist[split] = items
+
+    tmp = datalist_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(datalist, indent=2) + "\n")
+    tmp.replace(datalist_path)
+    logger.info("phantom data set written to %s", out)
+    return str(datalist_path)
+
+
+def ensure_phantom(output_dir: str | os.PathLike[str], **kwargs: Any) -> str:
+    """Generate the phantom data set in ``output_dir`` unless it is already there.
+
+    Same arguments and behaviour as :func:`write_phantom_dataset` (a complete data
+    set with the same parameters is reused, a different one raises
+    :class:`FileExistsError`); meant for a bundle config's ``initialize`` step.
+    Returns the datalist path.
+    """
+    return write_phantom_dataset(output_dir, **kwargs)

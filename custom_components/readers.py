@@ -1,0 +1,174 @@
+"""A MONAI image reader backed by SimpleITK, for ``.mha``/``.mhd``/``.nrrd``/NIfTI files.
+
+MONAI's :class:`monai.data.ITKReader` needs the ``itk`` package, which this project does not depend on. SimpleITK
+reads the same formats; this reader returns the array and metadata in the convention of MONAI's ``ITKReader`` and
+``NibabelReader``:
+
+* the array is indexed ``(i, j, k)`` = ``(x, y, z)`` (the transpose of ``SimpleITK.GetArrayFromImage``, which is
+  ``(z, y, x)``); multi-component pixels go last, ``(x, y, z, c)``;
+* ``affine`` / ``original_affine`` map voxel indices to world coordinates in RAS (ITK works in LPS: the affine
+  built from direction, spacing and origin has its first two rows negated), so ``LoadImage`` gives the same
+  ``MetaTensor.affine`` as ``NibabelReader`` does for the same image stored as NIfTI;
+* ``spatial_shape``, ``spacing``, ``pixdim`` (NIfTI layout: ``[qfac, sx, sy, sz, 1, ...]``), ``space`` and
+  ``original_channel_dim`` (``nan`` = "no_channel" for single-component images).
+
+Example (also as ``{"_target_": "custom_components.readers.SimpleITKReader"}`` in a config)::
+
+    from monai.transforms import LoadImaged
+    load = LoadImaged(keys=["source", "target"], reader=SimpleITKReader(), image_only=True)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.data import ImageReader, is_supported_format
+from monai.data.utils import is_no_channel, orientation_ras_lps
+from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
+
+__all__ = ["SimpleITKReader", "SUPPORTED_SUFFIXES", "sitk_affine"]
+
+#: File name endings read by :class:`SimpleITKReader`.
+SUPPORTED_SUFFIXES: tuple[str, ...] = ("mha", "mhd", "nrrd", "nhdr", "nii", "nii.gz")
+
+
+def sitk_affine(image: Any, lps_to_ras: bool = True) -> np.ndarray:
+    """The ``(r+1, r+1)`` voxel-to-world affine of a SimpleITK image (``r = min(dimension, 3)``), RAS by default."""
+    ndim = image.GetDimension()
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(ndim, ndim)
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    origin = np.asarray(image.GetOrigin(), dtype=np.float64)
+    sr = max(min(ndim, 3), 1)
+    affine = np.eye(sr + 1)
+    affine[:sr, :sr] = direction[:sr, :sr] @ np.diag(spacing[:sr])
+    affine[:sr, -1] = origin[:sr]
+    return orientation_ras_lps(affine) if lps_to_ras else affine
+
+
+class SimpleITKReader(ImageReader):
+    """Load ``.mha``, ``.mhd``, ``.nrrd`` and ``.nii``/``.nii.gz`` images with SimpleITK.
+
+    Args:
+        channel_dim: channel dimension of the image; ``None`` gives ``original_channel_dim`` = ``nan``
+            ("no_channel") for single-component images and ``-1`` for vector images; ``"no_channel"`` forces ``nan``.
+        reverse_indexing: if ``True``, return the array in SimpleITK's ``(z, y, x)`` order; the default ``False``
+            gives MONAI's ``(x, y, z)`` order. The metadata is the same either way.
+        affine_lps_to_ras: convert the affine from ITK's LPS to RAS (default, as ``NibabelReader``).
+        kwargs: extra arguments for ``SimpleITK.ReadImage`` (e.g. ``outputPixelType``).
+
+    A list of files is read as channels: single-component images are stacked on a new first axis
+    (``original_channel_dim`` = 0), vector images are concatenated along their last axis. All files of the list must
+    have the same spatial shape and affine.
+    """
+
+    def __init__(self, channel_dim: str | int | None = None, reverse_indexing: bool = False,
+                 affine_lps_to_ras: bool = True, **kwargs: Any) -> None:
+        super().__init__()
+        if not (channel_dim is None or channel_dim == "no_channel" or isinstance(channel_dim, int)):
+            raise ValueError(f"channel_dim must be None, 'no_channel' or an int, got {channel_dim!r}.")
+        self.channel_dim = float("nan") if channel_dim == "no_channel" else channel_dim
+        self.reverse_indexing = reverse_indexing
+        self.affine_lps_to_ras = affine_lps_to_ras
+        self.kwargs = kwargs
+
+    def verify_suffix(self, filename: Sequence[os.PathLike | str] | os.PathLike | str) -> bool:
+        """Whether all of ``filename`` end with one of :data:`SUPPORTED_SUFFIXES`."""
+        return is_supported_format(filename, list(SUPPORTED_SUFFIXES))
+
+    def read(self, data: Sequence[os.PathLike | str] | os.PathLike | str, **kwargs: Any) -> Any:
+        """Read one file (returns a ``SimpleITK.Image``) or several (returns a list of them)."""
+        import SimpleITK as sitk
+
+        filenames = ensure_tuple(data)
+        if not filenames:
+            raise ValueError("SimpleITKReader.read: no file name given.")
+        kwargs_ = {**self.kwargs, **kwargs}
+        images = []
+        for name in filenames:
+            name = str(name)
+            if not Path(name).is_file():
+                raise FileNotFoundError(f"SimpleITKReader: file {name!r} does not exist.")
+            try:
+                images.append(sitk.ReadImage(name, **kwargs_))
+            except RuntimeError as e:
+                raise RuntimeError(f"SimpleITKReader: cannot read {name!r} ({str(e).strip().splitlines()[-1]}).") from e
+        return images if len(filenames) > 1 else images[0]
+
+    def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
+        """Array and metadata of one image, or of a list of images stacked as channels (see the class docstring)."""
+        arrays: list[np.ndarray] = []
+        meta: dict = {}
+        images = list(img) if isinstance(img, (list, tuple)) else [img]  # a SimpleITK image is itself iterable
+        for i, image in enumerate(images):
+            data = self._get_array_data(image)
+            header = self._get_meta_dict(image)
+            if i == 0:
+                meta = header
+            else:
+                for key in (MetaKeys.SPATIAL_SHAPE, MetaKeys.AFFINE):
+                    if not np.allclose(header[key], meta[key]):
+                        raise ValueError(
+                            f"SimpleITKReader: image {i} of the list has {key} {header[key].tolist()}, different from "
+                            f"the first image's {meta[key].tolist()}; channels must share one grid."
+                        )
+            arrays.append(data)
+        if len(arrays) == 1:
+            return arrays[0], meta
+        if is_no_channel(meta[MetaKeys.ORIGINAL_CHANNEL_DIM]):
+            meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = 0
+            return np.stack(arrays, axis=0), meta
+        return np.concatenate(arrays, axis=int(meta[MetaKeys.ORIGINAL_CHANNEL_DIM])), meta
+
+    def _get_array_data(self, image: Any) -> np.ndarray:
+        import SimpleITK as sitk
+
+        array = sitk.GetArrayFromImage(image)  # (z, y, x) or (z, y, x, c)
+        if self.reverse_indexing:
+            return array
+        if image.GetNumberOfComponentsPerPixel() == 1:
+            return array.T
+        return np.moveaxis(array.T, 0, -1)  # (c, x, y, z) -> (x, y, z, c)
+
+    def _get_meta_dict(self, image: Any) -> dict:
+        meta: dict[str, Any] = {}
+        for key in image.GetMetaDataKeys():
+            if not key.startswith("ITK_"):
+                meta[key] = image.GetMetaData(key)
+        ndim = image.GetDimension()
+        sr = max(min(ndim, 3), 1)
+        spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+        affine = sitk_affine(image, self.affine_lps_to_ras)
+        size = list(image.GetSize())
+        if isinstance(self.channel_dim, int) and image.GetNumberOfComponentsPerPixel() == 1:
+            size.pop(self.channel_dim)
+        meta["spacing"] = spacing
+        pixdim = np.ones(8)
+        pixdim[0] = 1.0 if np.linalg.det(affine[:sr, :sr]) >= 0 else -1.0
+        pixdim[1 : 1 + min(ndim, 7)] = spacing[:7]
+        meta[MetaKeys.PIXDIM] = pixdim
+        meta[MetaKeys.ORIGINAL_PIXDIM] = pixdim.copy()
+        meta[MetaKeys.ORIGINAL_AFFINE] = affine
+        meta[MetaKeys.AFFINE] = affine.copy()
+        meta[MetaKeys.SPATIAL_SHAPE] = np.asarray(size[:sr])
+        meta[MetaKeys.SPACE] = SpaceKeys.RAS if self.affine_lps_to_ras else SpaceKeys.LPS
+        if self.channel_dim is None:
+            meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = (
+                float("nan") if image.GetNumberOfComponentsPerPixel() == 1 and ndim <= 3 else -1
+            )
+        else:
+            meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = self.channel_dim
+        return meta
+
+
+def load_image(path: str | os.PathLike, **kwargs: Any):
+    """Load one image as a MONAI ``MetaTensor``: NIfTI with MONAI's default readers, other formats (``.mha``,
+    ``.mhd``, ``.nrrd``) with :class:`SimpleITKReader` (MONAI's ITK reader needs the ``itk`` package)."""
+    from monai.transforms import LoadImage
+
+    name = str(path).lower()
+    reader = None if name.endswith((".nii", ".nii.gz")) else SimpleITKReader()
+    return LoadImage(reader=reader, image_only=True, **kwargs)(path)
