@@ -79,13 +79,15 @@ def main(steps: int = 10, warmup: int = 2, variants: list | tuple = VARIANTS, ov
     from ignite.handlers import BasicTimeProfiler
 
     import custom_components as cc
+    from custom_components.data import as_flag
     from custom_components.phantom import ensure_phantom
 
     overrides = dict(overrides or {})
     if dataset_dir:
         overrides["dataset_dir"] = dataset_dir
     parser = _parser(overrides)
-    ensure_phantom(parser.get_parsed_content("dataset_dir"), **parser.get_parsed_content("phantom"))
+    if as_flag(parser.get_parsed_content("make_phantom"), "make_phantom"):
+        ensure_phantom(parser.get_parsed_content("dataset_dir"), **parser.get_parsed_content("phantom"))
     device = parser.get_parsed_content("device")
     prepare = parser.get_parsed_content("prepare_batch")
     loader = parser.get_parsed_content("train#dataloader")

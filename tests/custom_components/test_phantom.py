@@ -22,7 +22,7 @@ from custom_components.phantom import (
     write_phantom_dataset,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHAPE = (48, 48, 32)
 SPACING = (2.0, 2.0, 3.0)
 SMALL = {"n_train": 2, "n_val": 1, "n_test": 1, "shape": SHAPE, "spacing": SPACING}
