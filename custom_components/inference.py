@@ -50,10 +50,11 @@ class InferenceInputs:
     items: list[dict]
     failed: list[dict] = field(default_factory=list)
     output_dir: str = "."
+    source_key: str = "source"
 
     def summary(self, engine: Any = None) -> dict:
         """Log and write ``inference_summary.json``: what was synthesised and what failed, and why."""
-        done = [i[self._key] for i in self.items] if self.items else []
+        done = [i[self.source_key] for i in self.items]
         report = {"synthesised": done, "failed": self.failed}
         os.makedirs(self.output_dir, exist_ok=True)
         Path(self.output_dir, "inference_summary.json").write_text(json.dumps(report, indent=2))
@@ -61,8 +62,6 @@ class InferenceInputs:
         for f in self.failed:
             logger.warning("failed: %s: %s", f["file"], f["reason"])
         return report
-
-    _key: str = "source"
 
 
 def screen_inputs(items: Sequence[dict], output_dir: str, source_key: str = "source",
@@ -106,7 +105,7 @@ def screen_inputs(items: Sequence[dict], output_dir: str, source_key: str = "sou
         else:
             logger.error("skipping %s: %s", path, reason)
             failed.append({"file": str(path), "reason": reason})
-    return InferenceInputs(items=good, failed=failed, output_dir=output_dir, _key=source_key)
+    return InferenceInputs(items=good, failed=failed, output_dir=output_dir, source_key=source_key)
 
 
 class ConfidenceMapd(MapTransform):

@@ -44,3 +44,25 @@ def test_invertd_maps_prediction_back():
 def test_bad_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         InvertibleIntensityWindowd("x", **kwargs)
+
+
+def test_sampling_weight_oversamples_tumour_inside_foreground():
+    from monai.transforms import RandWeightedCropd
+
+    from custom_components.transforms import SamplingWeightd
+
+    src = torch.zeros(1, 20, 20, 1)
+    mask = torch.zeros_like(src)
+    mask[:, 2:18, 2:18] = 1
+    label = torch.zeros_like(src)
+    label[:, 3:5, 3:5] = 2
+    d = SamplingWeightd(tumour_weight=4.0)({"source": src, "mask": mask, "label": label})
+    w = d["sampling_weight"]
+    assert w[0, 0, 0, 0] == 0 and w[0, 10, 10, 0] == 1 and w[0, 3, 3, 0] == 5
+    assert torch.equal(SamplingWeightd()({"source": src, "mask": mask, "label": label})["sampling_weight"], mask)
+    crop = RandWeightedCropd(keys="label", w_key="sampling_weight", spatial_size=(1, 1, 1), num_samples=400)
+    crop.set_random_state(0)
+    hits = sum(float(s["label"].sum() > 0) for s in crop(d))
+    assert 400 * 20 / (256 + 16) * 0.6 < hits  # 4 tumour voxels x 5 / total weight 272, with slack
+    with pytest.raises(ValueError, match="tumour_weight"):
+        SamplingWeightd(tumour_weight=-1)
