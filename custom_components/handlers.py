@@ -10,7 +10,7 @@ from ignite.engine import Engine, Events
 
 from .losses import GradientPenalty
 
-__all__ = ["GradientPenaltyHandler", "LossProgressBar", "every_n_iterations"]
+__all__ = ["ErrorWeightedSampling", "GradientPenaltyHandler", "LossProgressBar", "every_n_iterations"]
 
 
 class GradientPenaltyHandler:
@@ -74,3 +74,59 @@ class LossProgressBar:
 
     def attach(self, engine: Engine) -> None:
         self.bar.attach(engine, output_transform=self.output_transform)
+
+
+class ErrorWeightedSampling:
+    """Over-sample the regions the generator currently gets wrong (hard-region mining for patch/slice sampling).
+
+    Every ``interval`` epochs the generator is run (``inferer``, no gradient) on each cached training volume of a
+    MONAI ``CacheDataset``; the absolute error |G(X) - Y| is added to the volume's sampling weight map (the one
+    ``RandWeightedCropd`` draws centres from) as ``error_weight * error / mean error inside the foreground``, on top
+    of the base weights (foreground mask + tumour weight, see ``SamplingWeightd``). With ``error_weight = 4`` a voxel
+    with average error becomes five times as likely a centre as an error-free foreground voxel.
+
+    Args:
+        dataset: the training ``CacheDataset`` whose cached items hold ``source_key``, ``target_key``, ``weight_key``.
+        network: the generator.
+        inferer: how to apply it to a whole volume (e.g. the validation ``SliceInferer``).
+        interval: update every ``interval`` epochs.
+        error_weight: weight of the normalised error, > 0.
+        source_key, target_key, weight_key: keys in the cached items.
+    """
+
+    def __init__(self, dataset, network: torch.nn.Module, inferer: Callable, interval: int = 5,
+                 error_weight: float = 4.0, source_key: str = "source", target_key: str = "target",
+                 weight_key: str = "sampling_weight") -> None:
+        if interval < 1:
+            raise ValueError(f"interval must be >= 1, got {interval!r}.")
+        if error_weight <= 0:
+            raise ValueError(f"error_weight must be > 0, got {error_weight!r}.")
+        if not hasattr(dataset, "_cache"):
+            raise TypeError(f"dataset must be a MONAI CacheDataset, got {type(dataset).__name__}.")
+        self.dataset, self.network, self.inferer = dataset, network, inferer
+        self.interval, self.error_weight = interval, float(error_weight)
+        self.source_key, self.target_key, self.weight_key = source_key, target_key, weight_key
+        self.logger = logging.getLogger(__name__)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    def __call__(self, engine: Engine | None = None) -> None:
+        device = next(self.network.parameters()).device
+        was_training = self.network.training
+        self.network.eval()
+        updated = 0
+        with torch.no_grad():
+            for item in self.dataset._cache:
+                if not isinstance(item, dict) or self.weight_key not in item:
+                    continue
+                base = item.setdefault(f"{self.weight_key}_base", item[self.weight_key].clone())
+                src = torch.as_tensor(item[self.source_key])[None].to(device)
+                err = (torch.as_tensor(self.inferer(src, self.network))[0].cpu().float()
+                       - torch.as_tensor(item[self.target_key]).float()).abs()
+                inside = torch.as_tensor(base) > 0
+                scale = err[inside].mean() if inside.any() else err.mean()
+                item[self.weight_key] = base + self.error_weight * inside * err / scale.clamp(min=1e-8)
+                updated += 1
+        self.network.train(was_training)
+        self.logger.info("error-weighted sampling: updated the sampling weights of %d cached volume(s)", updated)

@@ -78,10 +78,12 @@ def test_every_variant_trains_through_the_bundle(phantom, tmp_path, variant):
     assert ("local_discriminator" in state) == (variant in ("local", "dual"))
 
 
-def test_3d_patches_train(phantom, tmp_path):
-    _run(phantom, tmp_path, "--epochs", "1", "--spatial_dims", "3", "--patch_size", "[16,16,16]",
-         "--generator_channels", "[4,8,16,16]")
+def test_3d_patches_train_with_tumour_and_error_oversampling(phantom, tmp_path):
+    proc = _run(phantom, tmp_path, "--epochs", "2", "--spatial_dims", "3", "--patch_size", "[16,16,16]",
+                "--generator_channels", "[4,8,16,16]", "--local_channels", "[4,4,8,8]", "--tumour_weight", "4",
+                "--hard_sampling", "true", "--error_interval", "1")
     assert (tmp_path / "models" / "model.pt").is_file()
+    assert "error-weighted sampling: updated the sampling weights of 2 cached volume(s)" in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("override,message", [

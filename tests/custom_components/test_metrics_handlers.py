@@ -62,3 +62,25 @@ def test_every_n_iterations_filter():
     assert [i for i in range(1, 10) if f(None, i)] == [3, 6, 9]
     with pytest.raises(ValueError, match="n must be"):
         every_n_iterations(0)
+
+
+def test_error_weighted_sampling_moves_weight_to_wrong_regions():
+    from monai.data import CacheDataset
+    from monai.inferers import SimpleInferer
+
+    from custom_components.handlers import ErrorWeightedSampling
+
+    target = torch.zeros(1, 8, 8, 4)
+    target[:, :2] = 1.0  # the identity "generator" gets this corner wrong
+    item = {"source": torch.zeros(1, 8, 8, 4), "target": target, "sampling_weight": torch.ones(1, 8, 8, 4)}
+    ds = CacheDataset([item], transform=None, progress=False)
+    net = torch.nn.Conv3d(1, 1, 1, bias=False)
+    torch.nn.init.zeros_(net.weight)
+    ErrorWeightedSampling(ds, net, SimpleInferer(), error_weight=4.0)()
+    w = ds._cache[0]["sampling_weight"]
+    # mean error in the foreground is 1/4, so a wrong voxel gets 1 + 4 * 1 / 0.25 = 17, a right one stays 1
+    assert torch.allclose(w[:, :2], torch.full_like(w[:, :2], 17.0)) and torch.equal(w[:, 2:], torch.ones_like(w[:, 2:]))
+    with pytest.raises(ValueError, match="error_weight"):
+        ErrorWeightedSampling(ds, net, SimpleInferer(), error_weight=0)
+    with pytest.raises(TypeError, match="CacheDataset"):
+        ErrorWeightedSampling([item], net, SimpleInferer())
