@@ -12,13 +12,24 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["DatalistError", "PrepareSourceTarget", "as_flag", "main_rank_only", "check_datalist", "check_run_dirs", "latest_checkpoint", "load_datalist"]
+__all__ = ["DatalistError", "read_datalist_json", "PrepareSourceTarget", "as_flag", "main_rank_only", "check_datalist", "check_run_dirs", "latest_checkpoint", "load_datalist"]
 
 logger = logging.getLogger(__name__)
 
 
 class DatalistError(ValueError):
     """A datalist names a missing, unreadable or inconsistent file; the message lists every problem found."""
+
+
+def read_datalist_json(path: str | os.PathLike, name: str = "datalist", hint: str = "") -> dict:
+    """The parsed content of a datalist JSON file; :class:`DatalistError` if it is missing or not valid JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatalistError(f"{name} {str(path)!r} does not exist{hint}.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DatalistError(f"{name} {str(path)!r} is not valid JSON: {e}") from None
 
 
 def load_datalist(datalist: str | os.PathLike, section: str, base_dir: str | os.PathLike | None = None) -> list[dict]:
@@ -28,12 +39,7 @@ def load_datalist(datalist: str | os.PathLike, section: str, base_dir: str | os.
     (``subject``) are kept as they are.
     """
     path = Path(datalist)
-    if not path.is_file():
-        raise DatalistError(f"datalist {str(path)!r} does not exist (generate the phantom or point 'datalist' to a file).")
-    try:
-        content = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DatalistError(f"datalist {str(path)!r} is not valid JSON: {e}") from None
+    content = read_datalist_json(path, hint=" (generate the phantom or point 'datalist' to a file)")
     if section not in content:
         raise DatalistError(f"datalist {str(path)!r} has no {section!r} list (found: {sorted(content)}).")
     items = content[section]

@@ -683,15 +683,10 @@ def preprocess(input_datalist: str | os.PathLike, output_dir: str | os.PathLike,
 
     Returns ``{"done", "skipped", "failed", "datalist", "log"}``.
     """
-    from .data import as_flag
+    from .data import as_flag, read_datalist_json
 
     input_datalist, output_dir = Path(input_datalist), Path(output_dir)
-    if not input_datalist.is_file():
-        raise ValueError(f"input_datalist {str(input_datalist)!r} does not exist.")
-    try:
-        content = json.loads(input_datalist.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"input_datalist {str(input_datalist)!r} is not valid JSON: {e}") from None
+    content = read_datalist_json(input_datalist, name="input_datalist")  # DatalistError is a ValueError
     if target_is_ct is None:
         target_is_ct = content.get("task") == "mrct"
     params = {

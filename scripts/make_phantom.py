@@ -15,7 +15,6 @@ Example (from the repository root)::
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -29,49 +28,21 @@ def _import_phantom():  # noqa: ANN202 - returns a module
     return phantom
 
 
-def main(
-    output_dir: str,
-    task: str = "t1t2",
-    n_train: int = 16,
-    n_val: int = 4,
-    n_test: int = 4,
-    shape: Sequence[int] = (96, 96, 48),
-    spacing: Sequence[float] = (2.0, 2.0, 3.0),
-    seed: int = 0,
-    overwrite: bool = False,
-    verbose: bool = True,
-) -> None:
+def main(output_dir: str, verbose: bool = True, **options) -> None:
     """Write (or reuse) a phantom data set and print its datalist path.
 
     Args:
         output_dir: folder to write the data set to.
-        task: "t1t2" (brain tumour T1 -> T2) or "mrct" (head MR -> CT).
-        n_train: number of training subjects (>= 1).
-        n_val: number of validation subjects (>= 0).
-        n_test: number of test subjects (>= 0).
-        shape: volume shape, e.g. 96,96,48 (at least 32 per axis).
-        spacing: voxel size in mm, e.g. 2.0,2.0,3.0.
-        seed: non-negative seed; the same seed gives identical arrays.
-        overwrite: regenerate even if the data set is already there (replaces it).
         verbose: log progress to stderr.
+        options: ``custom_components.phantom.write_phantom_dataset`` options, with the same names and defaults:
+            ``--task`` t1t2 | mrct, ``--n_train`` 16, ``--n_val`` 4, ``--n_test`` 4, ``--shape`` 96,96,48,
+            ``--spacing`` 2.0,2.0,3.0, ``--seed`` 0, ``--overwrite`` (regenerate and replace an existing data set).
     """
     import logging
 
-    if verbose:
+    if str(verbose).strip().lower() not in ("false", "0", "no", "off"):  # fire passes 'false' as text
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    phantom = _import_phantom()
-    datalist = phantom.write_phantom_dataset(
-        output_dir,
-        task=task,
-        n_train=n_train,
-        n_val=n_val,
-        n_test=n_test,
-        shape=tuple(shape),
-        spacing=tuple(spacing),
-        seed=seed,
-        overwrite=overwrite,
-    )
-    print(datalist)
+    print(_import_phantom().write_phantom_dataset(output_dir, **options))
 
 
 if __name__ == "__main__":
