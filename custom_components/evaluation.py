@@ -16,7 +16,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.metrics.regression import compute_ssim_and_cs
 
-from .metrics import masked_mae, masked_psnr
+from .metrics import confidence_qa, masked_mae, masked_psnr
 
 __all__ = ["SubjectMetricsWriter", "region_metrics", "save_panel", "subject_metrics"]
 
@@ -134,7 +134,8 @@ class SubjectMetricsWriter:
     """Evaluator handler: per-subject metrics to ``metrics.csv``, mean/std to ``summary.json``, optional figures.
 
     Reads each decollated item of ``engine.state.output`` (``pred``, ``label`` = target, optional ``confidence``)
-    and of ``engine.state.batch`` (``source``, tumour ``label``, foreground ``mask``, ``subject``).
+    and of ``engine.state.batch`` (``source``, tumour ``label``, foreground ``mask``, ``subject``). With a
+    confidence map, the rows also hold its quality as an error detector (:func:`~custom_components.metrics.confidence_qa`).
 
     Args:
         output_dir: where ``metrics.csv``, ``summary.json`` and ``figures/`` go.
@@ -173,6 +174,9 @@ class SubjectMetricsWriter:
             label, mask = b.get(self.label_key), b.get(self.mask_key)
             row = {"subject": subject}
             row.update(subject_metrics(o["pred"], o["label"], mask, label, self.data_range, self.hu_window))
+            if o.get("confidence") is not None:  # the QA map offered at inference: does it point at the errors?
+                row.update(confidence_qa(o["confidence"], o["pred"], o["label"], mask, label,
+                                         data_range=self.data_range))
             self.rows.append(row)
             if self.figures:
                 arr = lambda x: None if x is None else torch.as_tensor(x).detach().cpu().float().numpy()[0]  # noqa: E731

@@ -121,10 +121,13 @@ class ConfidenceMapd(MapTransform):
         inferer: how to apply D2 to a whole volume.
         output_key: key of the confidence map.
         device: device to run D2 on.
+        condition_key: for a conditional D2 (trained with ``local_conditional``), the key of the source image that
+            D2 sees beside the synthetic one (``image`` in a MONAI evaluator's output); ``None`` otherwise.
     """
 
     def __init__(self, keys: KeysCollection, network: torch.nn.Module | None, inferer: Inferer | None = None,
-                 output_key: str = "confidence", device: str | torch.device | None = None) -> None:
+                 output_key: str = "confidence", device: str | torch.device | None = None,
+                 condition_key: str | None = None) -> None:
         super().__init__(keys)
         if len(self.keys) != 1:
             raise ValueError(f"ConfidenceMapd takes one key, got {self.keys}.")
@@ -132,6 +135,7 @@ class ConfidenceMapd(MapTransform):
         self.inferer = inferer or SimpleInferer()
         self.output_key = output_key
         self.device = device
+        self.condition_key = condition_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -139,9 +143,12 @@ class ConfidenceMapd(MapTransform):
             return d
         img = d[self.keys[0]]
         device = self.device or next(self.network.parameters()).device
+        x = torch.as_tensor(img).float()
+        if self.condition_key is not None:
+            x = torch.cat([torch.as_tensor(d[self.condition_key]).float().to(x.device), x], dim=0)
         self.network.eval()
         with torch.no_grad():
-            logits = self.inferer(torch.as_tensor(img)[None].float().to(device), self.network)
+            logits = self.inferer(x[None].to(device), self.network)
         conf = torch.sigmoid(torch.as_tensor(logits)[0]).to(torch.as_tensor(img).device)
         d[self.output_key] = MetaTensor(conf, meta=img.meta, applied_operations=list(img.applied_operations)) \
             if isinstance(img, MetaTensor) else conf

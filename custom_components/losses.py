@@ -36,17 +36,27 @@ def confidence_map(logits: torch.Tensor) -> torch.Tensor:
 
 
 def attention_weight(confidence: torch.Tensor, beta: float, normalize: AttentionNorm | str = AttentionNorm.NONE,
-                     eps: float = 1e-6) -> torch.Tensor:
-    """Difficulty-aware attention F = (1 - M)^beta (Eq. 6).
+                     floor: float = 0.0, eps: float = 1e-6) -> torch.Tensor:
+    """Difficulty-aware attention F = (1 - M)^beta (Eq. 6), optionally normalised and floored.
+
+    The paper uses F as given. Two options of ours (not in the paper):
+
+    * ``normalize="mean"`` divides F by its per-sample mean, so the loss keeps the scale of plain L1/L2 whatever
+      the overall confidence of D2 (with the paper's F, a D2 that is confident everywhere shrinks the whole loss).
+    * ``floor = alpha > 0`` mixes in a constant: ``alpha + (1 - alpha) * F'`` (F' = F, or F / mean F when
+      normalised), so easy regions keep at least ``alpha`` of their weight and are never ignored.
 
     Args:
         confidence: M in [0, 1], shape (B, 1, H, W[, D]).
         beta: attention exponent, >= 0; ``beta = 0`` gives F = 1 everywhere (plain L1/L2).
         normalize: ``"none"`` (the paper) or ``"mean"`` (divide by the per-sample mean of F).
+        floor: alpha in [0, 1]; 0 is the paper's F, 1 switches the attention off.
         eps: floor of the mean when normalising.
     """
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta!r}.")
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"floor must be in [0, 1], got {floor!r}.")
     normalize = AttentionNorm(normalize)
     if confidence.ndim < 3:
         raise ValueError(f"confidence must be shaped (B, 1, H, W[, D]), got {tuple(confidence.shape)}.")
@@ -54,6 +64,8 @@ def attention_weight(confidence: torch.Tensor, beta: float, normalize: Attention
     if normalize == AttentionNorm.MEAN:
         dims = tuple(range(1, weight.ndim))
         weight = weight / weight.mean(dim=dims, keepdim=True).clamp(min=eps)
+    if floor > 0:
+        weight = floor + (1.0 - floor) * weight
     return weight
 
 

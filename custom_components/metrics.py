@@ -1,4 +1,5 @@
-"""Region-restricted regression metrics (PSNR / MAE inside a mask, e.g. the tumour label)."""
+"""Region-restricted regression metrics (PSNR / MAE inside a mask, e.g. the tumour label), and the quality of the
+local discriminator's confidence map M as a detector of synthesis errors."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from ignite.engine import Engine
 from ignite.metrics import Metric
 from monai.utils import StrEnum
 
-__all__ = ["MaskedRegressionMetric", "batch_items", "masked_mae", "masked_psnr"]
+__all__ = ["ConfidenceQAMetric", "MaskedRegressionMetric", "QA_KEYS", "batch_items", "confidence_qa", "masked_mae",
+           "masked_psnr"]
 
 
 class MaskedMetricType(StrEnum):
@@ -110,3 +112,120 @@ def batch_items(key: str) -> Callable:
         return [item.get(key) for item in batch]
 
     return _get
+
+
+QA_KEYS = ("qa_auroc_worst", "qa_spearman", "qa_confidence_tumour", "qa_confidence_outside")
+
+
+def _auroc(score: "np.ndarray", positive: "np.ndarray") -> float:
+    """Area under the ROC curve of ``score`` for the boolean ``positive`` (Mann-Whitney U; ties get average ranks)."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = rankdata(score)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (float(n_pos) * n_neg)) \
+        if np.isfinite(ranks).all() else math.nan
+
+
+def confidence_qa(confidence: torch.Tensor, pred: torch.Tensor, target: torch.Tensor,
+                  mask: torch.Tensor | None = None, label: torch.Tensor | None = None,
+                  worst_fraction: float = 0.1, data_range: float = 1.0) -> dict[str, float]:
+    """How well the confidence map M points at the synthesis errors, for one volume.
+
+    The attention F = (1 - M)^beta (Eq. 6) only helps if low confidence marks the voxels G gets wrong. With the
+    error e = |Y - clip(G(X), 0, data_range)| and the foreground ``mask`` (whole image if ``None``):
+
+    * ``qa_auroc_worst``: AUROC of (1 - M) for separating the ``worst_fraction`` of foreground voxels with the
+      largest e from the rest of the foreground (0.5 = no information, 1 = perfect);
+    * ``qa_spearman``: Spearman rank correlation of (1 - M) with e over the foreground;
+    * ``qa_confidence_tumour`` / ``qa_confidence_outside``: mean M inside the tumour (``label > 0``) and in the
+      foreground outside it (NaN without a label).
+
+    All arrays share one spatial shape (a leading channel of 1 is allowed).
+    """
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    if not 0.0 < worst_fraction < 1.0:
+        raise ValueError(f"worst_fraction must be in (0, 1), got {worst_fraction!r}.")
+    arr = lambda x: torch.as_tensor(x).detach().float().cpu().numpy().reshape(-1)  # noqa: E731
+    m, p, t = arr(confidence), np.clip(arr(pred), 0.0, data_range), arr(target)
+    if not m.shape == p.shape == t.shape:
+        raise ValueError(f"confidence ({tuple(torch.as_tensor(confidence).shape)}), pred "
+                         f"({tuple(torch.as_tensor(pred).shape)}) and target ({tuple(torch.as_tensor(target).shape)}) "
+                         "must have the same number of voxels.")
+    fg = arr(mask) > 0 if mask is not None else np.ones_like(m, dtype=bool)
+    tumour = arr(label) > 0 if label is not None else None
+    err, score = np.abs(t - p)[fg], (1.0 - m)[fg]
+    out = {k: math.nan for k in QA_KEYS}
+    if err.size >= 2:
+        worst = err >= np.quantile(err, 1.0 - worst_fraction)
+        out["qa_auroc_worst"] = _auroc(score, worst)
+        if np.ptp(score) > 0 and np.ptp(err) > 0:
+            out["qa_spearman"] = float(spearmanr(score, err).statistic)
+    if tumour is not None:
+        if tumour.any():
+            out["qa_confidence_tumour"] = float(m[tumour].mean())
+        rest = fg & ~tumour
+        if rest.any():
+            out["qa_confidence_outside"] = float(m[rest].mean())
+    return out
+
+
+class ConfidenceQAMetric(Metric):
+    """Validation metric: :func:`confidence_qa` of the confidence map in each evaluator output item.
+
+    The map is the one a post-processing :class:`~custom_components.inference.ConfidenceMapd` put under
+    ``confidence_key`` (computed from the unclipped prediction, as at inference), so validation during training,
+    evaluation and inference report the same numbers for the same model. ``compute`` returns a dict (each entry
+    becomes its own scalar in ``engine.state.metrics``): the mean of each QA number over the volumes where it is
+    defined, prefixed by ``prefix``.
+
+    Args:
+        worst_fraction: fraction of foreground voxels counted as the worst errors.
+        data_range: intensity range of the images.
+        confidence_key: output key of the confidence map M.
+        output_transform: engine output -> list of dicts with ``pred``, ``label`` (the target) and the map.
+        mask_key / label_key: batch keys of the foreground mask and the tumour label.
+        prefix: prefix of the metric names.
+    """
+
+    def __init__(self, worst_fraction: float = 0.1, data_range: float = 1.0, confidence_key: str = "confidence",
+                 output_transform: Callable = lambda x: x, mask_key: str = "mask", label_key: str = "label",
+                 prefix: str = "val_") -> None:
+        self.worst_fraction, self.data_range, self.confidence_key = worst_fraction, float(data_range), confidence_key
+        self.mask_key, self.label_key, self.prefix = mask_key, label_key, prefix
+        # "flatten": each QA number becomes its own entry of engine.state.metrics (logged as a scalar)
+        super().__init__(output_transform=output_transform, metrics_result_mode="flatten")
+
+    def reset(self) -> None:
+        self._rows: list[dict[str, float]] = []
+
+    def update(self, output: tuple) -> None:
+        items, batch = output
+        for item, b in zip(items, batch):
+            if item.get(self.confidence_key) is None:
+                raise KeyError(f"ConfidenceQAMetric: the evaluator output has no {self.confidence_key!r} entry; add a "
+                               "ConfidenceMapd to the post-processing.")
+            self._rows.append(confidence_qa(item[self.confidence_key], item["pred"], item["label"],
+                                            b.get(self.mask_key), b.get(self.label_key), self.worst_fraction,
+                                            self.data_range))
+
+    def compute(self) -> dict[str, float]:
+        out = {}
+        for k in QA_KEYS:
+            vals = [r[k] for r in self._rows if math.isfinite(r[k])]
+            total, count = float(sum(vals)), float(len(vals))
+            if idist.get_world_size() > 1:
+                total, count = idist.all_reduce(torch.tensor([total, count], dtype=torch.float64)).tolist()
+            out[f"{self.prefix}{k}"] = total / count if count else math.nan
+        return out
+
+    def iteration_completed(self, engine: Engine) -> None:
+        output = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        batch = engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch]
+        self.update((output, batch))

@@ -21,6 +21,7 @@ from .losses import AttentionNorm, DifficultyAwareLoss, GradientPenalty, attenti
 __all__ = [
     "DualAttentionKeys",
     "DualAttentionTrainer",
+    "FreshBatches",
     "Variant",
     "image_panels",
     "scalar_outputs",
@@ -38,6 +39,14 @@ class Variant(StrEnum):
     LOCAL = "local"  # sGAN-2: G + local discriminator D2
     DUAL = "dual"  # sGAN-dual: both discriminators, plain L1/L2
     DUAL_ATTENTION = "dual_attention"  # the full method: both discriminators + difficulty-aware attention
+
+
+class FreshBatches(StrEnum):
+    """Which updates of one iteration draw their own mini-batch from the training loader."""
+
+    NONE = "none"  # one batch and one G(X) for every update (cheapest)
+    GENERATOR = "generator"  # the paper (section 2.2): G is updated "using another mini-batch"
+    ALL = "all"  # additionally, every critic update after the first uses a fresh batch
 
 
 def _variant(variant: Variant | str) -> Variant:
@@ -59,7 +68,8 @@ def uses_local_discriminator(variant: Variant | str) -> bool:
 
 def validate_hyperparameters(variant: str = "dual_attention", beta: float = 2.0, p: int = 1, lambda_gp: float = 10.0,
                              lambda_adv_global: float = 0.01, lambda_adv_local: float = 0.05, n_critic: int = 1,
-                             attention_warmup: int = 0, attention_norm: str = "none", **_: Any) -> None:
+                             attention_warmup: int = 0, attention_norm: str = "none", attention_floor: float = 0.0,
+                             fresh_batches: str = "none", **_: Any) -> None:
     """Raise a ``ValueError`` naming the first bad training option (called from the bundle's ``initialize``)."""
     _variant(variant)
     if not isinstance(beta, (int, float)) or beta < 0:
@@ -79,6 +89,14 @@ def validate_hyperparameters(variant: str = "dual_attention", beta: float = 2.0,
     except ValueError:
         raise ValueError(
             f"attention_norm must be one of {[a.value for a in AttentionNorm]}, got {attention_norm!r}."
+        ) from None
+    if not isinstance(attention_floor, (int, float)) or not 0.0 <= attention_floor <= 1.0:
+        raise ValueError(f"attention_floor must be a number in [0, 1], got {attention_floor!r}.")
+    try:
+        FreshBatches(fresh_batches)
+    except ValueError:
+        raise ValueError(
+            f"fresh_batches must be one of {[f.value for f in FreshBatches]}, got {fresh_batches!r}."
         ) from None
 
 
@@ -135,17 +153,26 @@ def _frozen(*nets: torch.nn.Module | None):
 class DualAttentionTrainer(Trainer):
     """Alternating training of G, the global critic D1 and the local discriminator D2 (paper Fig. 2).
 
-    One iteration on a batch (X, Y):
+    One iteration on a batch (X, Y), each sub-step a method that tests can drive on a fixed batch:
 
     1. G(X) is computed once; its detached copy is used by the discriminator updates.
-    2. D1 (if used): ``n_critic`` WGAN-GP updates, L_D1 = E[D1(G(X))] - E[D1(Y)] + GP (Eq. 2). Real and fake
-       images pass through the critic as one batch (the critic has no batch norm by default, so this is exact).
-    3. D2 (if used): one update of the dense BCE loss L_D2 = BCE(D2(Y), 1) + BCE(D2(G(X)), 0) (Eq. 4).
-    4. G: L_G = L_AttG + lambda_1 L_ADV1 + lambda_2 L_ADV2 (Eq. 7) with the discriminators frozen, where
-       L_AttG = F * |Y - G(X)|^p, F = (1 - M)^beta and M = sigmoid(D2(G(X))) (Eq. 6); for variants without
-       attention, or before ``attention_warmup`` iterations have passed, F = 1 (plain Eq. 1).
+    2. :meth:`critic_step` (D1, if used): ``n_critic`` WGAN-GP updates,
+       L_D1 = E[D1(G(X))] - E[D1(Y)] + GP (Eq. 2). Real, fake and interpolated images pass through the critic as
+       one batch (exact for a critic without batch norm, the default).
+    3. :meth:`local_step` (D2, if used): one update of the dense BCE loss L_D2 = BCE(D2(Y), 1) + BCE(D2(G(X)), 0)
+       (Eq. 4).
+    4. :meth:`generator_step`: L_G = L_AttG + lambda_1 L_ADV1 + lambda_2 L_ADV2 (Eq. 7) with the discriminators
+       frozen, where L_AttG = F * |Y - G(X)|^p, F = (1 - M)^beta and M = sigmoid(D2(G(X))) (Eq. 6); for variants
+       without attention, or before ``attention_warmup`` iterations have passed, F = 1 (plain Eq. 1).
 
-    The ``n_critic`` critic updates reuse the same batch (with fresh interpolation coefficients each time).
+    With ``fresh_batches="generator"`` (the paper's wording: G is updated "using another mini-batch") step 4 draws
+    another batch from the loader and computes a fresh G(X); with ``"all"`` every critic update after the first
+    does too. Such draws come from a second iterator over the same loader and do not count as iterations.
+
+    Options beyond the paper (all off by default in this class; the bundle's ``train.json`` chooses its own):
+    ``local_conditional`` lets D2 see the source beside the image (a pix2pix-style pair, so a plausible but wrong
+    region can be told from a right one), ``attention_norm``/``attention_floor`` reshape F (see
+    :func:`custom_components.losses.attention_weight`), ``attention_warmup`` delays F until D2 has learned.
 
     Args:
         device: device to train on.
@@ -168,6 +195,10 @@ class DualAttentionTrainer(Trainer):
         attention_warmup: iterations of plain L1/L2 before the attention is switched on (M is meaningless before
             D2 has learned anything).
         attention_norm: ``"none"`` (the paper) or ``"mean"`` (F divided by its per-sample mean).
+        attention_floor: alpha in [0, 1]; F becomes alpha + (1 - alpha) F (0 = the paper).
+        local_conditional: D2 judges the pair (X, image) instead of the image alone; D2 then needs
+            ``2 * in_channels`` input channels (source first).
+        fresh_batches: ``"none"``, ``"generator"`` (the paper) or ``"all"``, see :class:`FreshBatches`.
         epoch_length: iterations per epoch, default ``len(train_data_loader)``.
         non_blocking: non-blocking host-to-device copies.
         prepare_batch: callable ``(batch, device, non_blocking, **kwargs) -> (source, target)``.
@@ -202,6 +233,9 @@ class DualAttentionTrainer(Trainer):
         n_critic: int = 1,
         attention_warmup: int = 0,
         attention_norm: AttentionNorm | str = AttentionNorm.NONE,
+        attention_floor: float = 0.0,
+        local_conditional: bool = False,
+        fresh_batches: FreshBatches | str = FreshBatches.NONE,
         epoch_length: int | None = None,
         non_blocking: bool = False,
         prepare_batch: Callable = default_prepare_batch,
@@ -213,7 +247,7 @@ class DualAttentionTrainer(Trainer):
         to_kwargs: dict | None = None,
     ) -> None:
         validate_hyperparameters(variant, beta, p, lambda_gp, lambda_adv_global, lambda_adv_local, n_critic,
-                                 attention_warmup, attention_norm)
+                                 attention_warmup, attention_norm, attention_floor, fresh_batches)
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}.")
         if precision == "fp16" and torch.device(device).type != "cuda":
@@ -245,7 +279,10 @@ class DualAttentionTrainer(Trainer):
         self.global_critic, self.global_optimizer = self._with_optimizer(global_critic, global_optimizer)
         self.local_discriminator, self.local_optimizer = self._with_optimizer(local_discriminator, local_optimizer)
         self.beta, self.attention_norm = float(beta), AttentionNorm(attention_norm)
-        self.attention_warmup = attention_warmup
+        self.attention_warmup, self.attention_floor = attention_warmup, float(attention_floor)
+        self.local_conditional = bool(local_conditional)
+        self.fresh_batches = FreshBatches(fresh_batches)
+        self._extra_batches: Any = None
         self.lambda_adv_global, self.lambda_adv_local = float(lambda_adv_global), float(lambda_adv_local)
         self.n_critic = n_critic
         self.recon_loss = DifficultyAwareLoss(p=p)
@@ -300,84 +337,127 @@ class DualAttentionTrainer(Trainer):
         scaler.step(optimizer)
         scaler.update()
 
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(source, target) of another mini-batch, from a second iterator over the training loader."""
+        if self._extra_batches is None:
+            self._extra_batches = iter(self.data_loader)
+        try:
+            batchdata = next(self._extra_batches)
+        except StopIteration:
+            self._extra_batches = iter(self.data_loader)
+            batchdata = next(self._extra_batches)
+        batch = self.prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs)
+        return batch[0], batch[1]
+
+    def local_input(self, image: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """What D2 judges: the image, or the (source, image) pair with ``local_conditional``."""
+        return torch.cat([source.to(image.dtype), image], dim=1) if self.local_conditional else image
+
+    def _synthesise(self, source: torch.Tensor, grad: bool) -> torch.Tensor:
+        with torch.set_grad_enabled(grad), self._autocast():
+            return self.g_network(source)
+
+    def critic_step(self, source: torch.Tensor, target: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
+        """``n_critic`` WGAN-GP updates of D1 (Eq. 2) on detached G(X); returns the loss terms of the last one."""
+        keys, critic, out = DualAttentionKeys, self.global_critic, {}
+        critic.train()
+        for k in range(self.n_critic):
+            if k > 0 and self.fresh_batches == FreshBatches.ALL:
+                source, target = self.next_batch()
+                fake = self._synthesise(source, grad=False)
+            fake = fake.detach().to(target.dtype)
+            n = target.shape[0]
+            self.critic_steps += 1
+            with_gp = self.critic_steps % self.gp_interval == 0
+            self.global_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
+            interp = self.gradient_penalty.interpolate(target, fake) if with_gp else None
+            inputs = [target, fake] + ([interp] if with_gp else [])
+            with self._autocast():  # real, fake (and interpolated) images scored in one forward pass
+                scores = critic(torch.cat(inputs)).float().split(n)
+            real_score, fake_score = scores[0], scores[1]
+            loss_critic = fake_score.mean() - real_score.mean()
+            if with_gp:
+                gp = self.gradient_penalty.penalty(scores[2], interp, self.scalers["global_critic"])
+                loss_critic = loss_critic + self.gp_interval * gp
+                out[keys.GP] = gp.item()
+            self._check_finite(keys.CRITIC, loss_critic)
+            self._step("global_critic", loss_critic, self.global_optimizer)
+        out[keys.CRITIC] = loss_critic.item()
+        out[keys.WASSERSTEIN] = (real_score.mean() - fake_score.mean()).item()
+        return out
+
+    def local_step(self, source: torch.Tensor, target: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
+        """One update of D2 with the dense BCE of Eq. 4: real voxels -> 1, synthetic voxels -> 0."""
+        local_d, n = self.local_discriminator, target.shape[0]
+        local_d.train()
+        self.local_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
+        pair = torch.cat([self.local_input(target, source), self.local_input(fake.detach().to(target.dtype), source)])
+        with self._autocast():
+            real_logit, fake_logit = local_d(pair).float().split(n)
+        loss_local = F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit)) + \
+            F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit))
+        self._check_finite(DualAttentionKeys.LOCAL_D, loss_local)
+        self._step("local_discriminator", loss_local, self.local_optimizer)
+        return {DualAttentionKeys.LOCAL_D: loss_local.item()}
+
+    def generator_step(self, source: torch.Tensor, target: torch.Tensor,
+                       fake: torch.Tensor | None = None) -> dict[str, Any]:
+        """One update of G with Eq. 7; ``fake`` = G(source) with its graph, computed here if ``None``.
+
+        The discriminators are frozen and used unwrapped (no DistributedDataParallel hooks): only G is updated here
+        and only G's gradients are synchronised.
+        """
+        keys, out = DualAttentionKeys, {}
+        self.g_network.train()
+        if fake is None:
+            fake = self._synthesise(source, grad=True)
+        self.g_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
+        critic_m, local_m = _unwrap(self.global_critic), _unwrap(self.local_discriminator)
+        with _frozen(critic_m, local_m), self._autocast():
+            loss_g = torch.zeros((), device=fake.device)
+            weight = None
+            if local_m is not None:
+                logits = local_m(self.local_input(fake, source)).float()
+                confidence = confidence_map(logits)
+                loss_adv_local = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))  # Eq. 5
+                loss_g = loss_g + self.lambda_adv_local * loss_adv_local
+                out[keys.ADV_LOCAL] = loss_adv_local.item()
+                out[keys.CONFIDENCE_MEAN] = confidence.mean().item()
+                out[keys.CONFIDENCE] = confidence
+                if self.attention_active(self.state.iteration):
+                    weight = attention_weight(confidence, self.beta, self.attention_norm, self.attention_floor)
+            if critic_m is not None:
+                loss_adv_global = -critic_m(fake).float().mean()  # Eq. 3
+                loss_g = loss_g + self.lambda_adv_global * loss_adv_global
+                out[keys.ADV_GLOBAL] = loss_adv_global.item()
+            loss_recon = self.recon_loss(fake.float(), target.float(), weight)  # Eq. 6 (Eq. 1 if weight is None)
+            loss_g = loss_g + loss_recon
+        for term, value in ((keys.RECON, loss_recon), (keys.LOSS, loss_g)):
+            self._check_finite(term, value)
+        self._step("generator", loss_g, self.g_optimizer)
+        out[keys.RECON] = loss_recon.item()
+        out[keys.LOSS] = loss_g.item()
+        out[keys.ATTENTION_MEAN] = 1.0 if weight is None else weight.mean().item()
+        out[keys.IMAGE], out[keys.LABEL], out[keys.PRED] = source, target, fake.detach().float()
+        return out
+
     def _iteration(self, engine: DualAttentionTrainer, batchdata: dict[str, Any]) -> dict[str, Any]:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         source, target = batch[0], batch[1]
-        n = source.shape[0]
-        keys = DualAttentionKeys
-        out: dict[str, Any] = {}
-
+        fresh_g = engine.fresh_batches != FreshBatches.NONE
+        uses_d = engine.global_critic is not None or engine.local_discriminator is not None
         engine.g_network.train()
-        with engine._autocast():
-            fake = engine.g_network(source)  # computed once, reused by every update below
-        fake_d = fake.detach()
-
-        critic = engine.global_critic
-        if critic is not None:  # D1: WGAN-GP critic updates (Eq. 2)
-            critic.train()
-            for _ in range(engine.n_critic):
-                engine.critic_steps += 1
-                with_gp = engine.critic_steps % engine.gp_interval == 0
-                engine.global_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-                # real, fake (and interpolated) images scored in one forward pass
-                interp = engine.gradient_penalty.interpolate(target, fake_d.to(target.dtype)) if with_gp else None
-                inputs = [target, fake_d.to(target.dtype)] + ([interp] if with_gp else [])
-                with engine._autocast():
-                    scores = critic(torch.cat(inputs)).float().split(n)
-                real_score, fake_score = scores[0], scores[1]
-                loss_critic = fake_score.mean() - real_score.mean()
-                if with_gp:
-                    gp = engine.gradient_penalty.penalty(scores[2], interp, engine.scalers["global_critic"])
-                    loss_critic = loss_critic + engine.gp_interval * gp
-                    out[keys.GP] = gp.item()
-                engine._check_finite(keys.CRITIC, loss_critic)
-                engine._step("global_critic", loss_critic, engine.global_optimizer)
-            out[keys.CRITIC] = loss_critic.item()
-            out[keys.WASSERSTEIN] = (real_score.mean() - fake_score.mean()).item()
-
-        local_d = engine.local_discriminator
-        if local_d is not None:  # D2: dense BCE (Eq. 4), real and fake in one forward pass
-            local_d.train()
-            engine.local_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-            with engine._autocast():
-                real_logit, fake_logit = local_d(torch.cat([target, fake_d.to(target.dtype)])).float().split(n)
-            loss_local = F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit)) + \
-                F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit))
-            engine._check_finite(keys.LOCAL_D, loss_local)
-            engine._step("local_discriminator", loss_local, engine.local_optimizer)
-            out[keys.LOCAL_D] = loss_local.item()
-
-        # G (Eq. 7). The discriminators are frozen and used unwrapped (no DistributedDataParallel hooks): only G
-        # is updated here and only G's gradients are synchronised.
-        engine.g_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        critic_m, local_m = _unwrap(critic), _unwrap(local_d)
-        with _frozen(critic_m, local_m), engine._autocast():
-            loss_g = torch.zeros((), device=fake.device)
-            weight = None
-            if local_m is not None:
-                logits = local_m(fake).float()
-                confidence = confidence_map(logits)
-                loss_adv_local = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))  # Eq. 5
-                loss_g = loss_g + engine.lambda_adv_local * loss_adv_local
-                out[keys.ADV_LOCAL] = loss_adv_local.item()
-                out[keys.CONFIDENCE_MEAN] = confidence.mean().item()
-                out[keys.CONFIDENCE] = confidence
-                if engine.attention_active(engine.state.iteration):
-                    weight = attention_weight(confidence, engine.beta, engine.attention_norm)
-            if critic_m is not None:
-                loss_adv_global = -critic_m(fake).float().mean()  # Eq. 3
-                loss_g = loss_g + engine.lambda_adv_global * loss_adv_global
-                out[keys.ADV_GLOBAL] = loss_adv_global.item()
-            loss_recon = engine.recon_loss(fake.float(), target.float(), weight)  # Eq. 6 (Eq. 1 if weight is None)
-            loss_g = loss_g + loss_recon
-        for term, value in ((keys.RECON, loss_recon), (keys.LOSS, loss_g)):
-            engine._check_finite(term, value)
-        engine._step("generator", loss_g, engine.g_optimizer)
-
-        out[keys.RECON] = loss_recon.item()
-        out[keys.LOSS] = loss_g.item()
-        out[keys.ATTENTION_MEAN] = 1.0 if weight is None else weight.mean().item()
-        out[keys.IMAGE], out[keys.LABEL], out[keys.PRED] = source, target, fake_d.float()
+        # G(X) computed once and reused by every update, unless G's update draws its own batch
+        fake = engine._synthesise(source, grad=not fresh_g) if uses_d or not fresh_g else None
+        out: dict[str, Any] = {}
+        if engine.global_critic is not None:
+            out.update(engine.critic_step(source, target, fake))
+        if engine.local_discriminator is not None:
+            out.update(engine.local_step(source, target, fake))
+        if fresh_g:
+            source, target = engine.next_batch()
+            fake = None
+        out.update(engine.generator_step(source, target, fake))
         return out

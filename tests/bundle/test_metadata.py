@@ -36,6 +36,6 @@ def test_train_config_exposes_the_contract_ids():
     config = json.loads((ROOT / "bundle/configs/train.json").read_text())
     required = ["bundle_root", "dataset_dir", "datalist", "output_dir", "ckpt_dir", "device", "spatial_dims",
                 "patch_size", "batch_size", "epochs", "val_interval", "variant", "beta", "p", "lambda_gp",
-                "lambda_adv_global", "lambda_adv_local", "n_critic", "lr_g", "lr_d", "seed", "training", "run",
+                "lambda_adv_global", "lambda_adv_local", "n_critic", "lr_g", "lr_d1", "lr_d2", "seed", "training", "run",
                 "initialize"]
     assert [k for k in required if k not in config] == []
