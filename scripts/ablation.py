@@ -1,9 +1,16 @@
 """Train and evaluate several variants (arms) on one datalist with one budget, over seeds, and compare them.
 
 Every arm is trained with ``python -m monai.bundle run training`` and evaluated on the test list with
-``evaluate.json``; the per-subject metrics are then aggregated into a Markdown and a CSV table (mean +/- std across
-test subjects of the seed-averaged values, and the std across seeds of the per-seed means), with paired Wilcoxon
-signed-rank tests of every arm against the reference arm on the same subjects.
+``evaluate.json``; the per-subject metrics are then aggregated into Markdown and CSV tables:
+
+* per arm: mean +/- std across test subjects of the seed-averaged values, the std across seeds of the per-seed
+  means, and the confidence map's quality as an error detector (``qa_*``, arms with a local discriminator);
+* per comparison (arm vs baseline, same seeds, same subjects), with the **training run as the unit**: the per-seed
+  paired differences, their mean with a t-interval over seeds, a hierarchical bootstrap interval (seeds, then
+  subjects within a seed, resampled with replacement), and, beside them, the subject-level Wilcoxon signed-rank test
+  of the seed-averaged values (which treats subjects as the unit and says nothing about run-to-run variation);
+* validation curves per arm (``curves.csv``, ``curves.png``: validation metrics by epoch, mean over seeds) and each
+  run's training wall time, to show whether the budget let the baseline plateau.
 
 Example (the five variants of the paper, 2 seeds, a short budget)::
 
@@ -19,22 +26,31 @@ Finished runs (an ``eval/metrics.csv`` present) are not run again, so an interru
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("unet", "global", "local", "dual", "dual_attention")
 TABLE_METRICS = ("psnr_volume", "ssim_volume", "mae_volume", "psnr_foreground", "psnr_tumour", "ssim_tumour",
-                 "mae_tumour")
+                 "mae_tumour", "qa_auroc_worst", "qa_spearman", "qa_confidence_tumour", "qa_confidence_outside")
+RUN_LEVEL_METRICS = ("psnr_volume", "psnr_foreground", "psnr_tumour", "ssim_volume", "mae_tumour")
 
 
 def _arg(value) -> str:
     return repr(value) if isinstance(value, (list, dict, tuple)) else str(value)
 
 
-def run_arm(name: str, overrides: dict, seed: int, output_dir: Path, common: dict, workers_threads: int) -> Path:
-    """Train and evaluate one arm for one seed; return the folder holding ``eval/metrics.csv``."""
+def run_arm(name: str, overrides: dict, seed: int, output_dir: Path, common: dict, workers_threads: int,
+            eval_section: str = "test") -> Path:
+    """Train and evaluate one arm for one seed; return the folder holding ``eval/metrics.csv``.
+
+    ``eval_section`` is the datalist section evaluated (``test`` for the ablation; ``validation`` when tuning, so
+    the test subjects are never used to choose a configuration).
+    """
     import subprocess
 
     run_dir = output_dir / name / f"seed_{seed}"
@@ -52,9 +68,12 @@ def run_arm(name: str, overrides: dict, seed: int, output_dir: Path, common: dic
     with open(log, "w") as f:
         train = base + ["training", "--config_file", "bundle/configs/train.json", "--overwrite", "true"] + args
         print(f"[ablation] {name} seed {seed}: training ({log})", flush=True)
+        start = time.perf_counter()
         subprocess.run(train, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, check=True)
+        (run_dir / "train_time.json").write_text(json.dumps({"seconds": time.perf_counter() - start,
+                                                             "threads": workers_threads}))
         evaluate = base + ["evaluating", "--config_file", "['bundle/configs/train.json','bundle/configs/evaluate.json']",
-                           "--overwrite", "true", "--figures", "false"] + args
+                           "--overwrite", "true", "--figures", "false", "--eval_section", eval_section] + args
         evaluate[evaluate.index("--output_dir") + 1] = str(run_dir / "eval")
         print(f"[ablation] {name} seed {seed}: evaluating", flush=True)
         subprocess.run(evaluate, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, check=True)
@@ -125,10 +144,162 @@ def aggregate(output_dir: Path, arms: list[str], seeds: list[int], reference: st
     return "\n".join(md) + "\n", rows
 
 
+def paired_run_statistics(arm_runs: dict[int, dict[str, dict[str, float]]],
+                          base_runs: dict[int, dict[str, dict[str, float]]], metric: str, n_boot: int = 10000,
+                          seed: int = 0) -> dict[str, float | list]:
+    """Difference ``arm - base`` of ``metric`` with the training run (seed) as the unit.
+
+    ``arm_runs``/``base_runs``: seed -> subject -> metrics. Only seeds present in both and, within a seed, subjects
+    present in both with finite values are used. Returns the per-seed differences of the subject means, their mean,
+    a 95 % t-interval over seeds with the one-sample t-test p-value (NaN with fewer than 2 seeds), and a 95 %
+    hierarchical bootstrap interval (resample seeds, then subjects within each drawn seed, paired).
+    """
+    import numpy as np
+    from scipy import stats
+
+    seeds = sorted(set(arm_runs) & set(base_runs))
+    pairs = {}
+    for s in seeds:
+        subs = [k for k in arm_runs[s] if k in base_runs[s]
+                and np.isfinite(arm_runs[s][k][metric]) and np.isfinite(base_runs[s][k][metric])]
+        if subs:
+            pairs[s] = np.array([arm_runs[s][k][metric] - base_runs[s][k][metric] for k in subs])
+    out: dict[str, float | list] = {"n_seeds": len(pairs), "seed_diffs": [float(pairs[s].mean()) for s in pairs]}
+    d = np.array(out["seed_diffs"])
+    nan = float("nan")
+    out["mean"] = float(d.mean()) if d.size else nan
+    if d.size > 1:
+        sem = d.std(ddof=1) / np.sqrt(d.size)
+        half = float(stats.t.ppf(0.975, d.size - 1) * sem)
+        out["t_ci"] = [out["mean"] - half, out["mean"] + half]
+        out["t_p"] = float(stats.ttest_1samp(d, 0.0).pvalue) if sem > 0 else (0.0 if out["mean"] != 0 else 1.0)
+    else:
+        out["t_ci"], out["t_p"] = [nan, nan], nan
+    if pairs:
+        rng = np.random.default_rng(seed)
+        groups = list(pairs.values())
+        boots = np.empty(n_boot)
+        for b in range(n_boot):
+            drawn = rng.integers(len(groups), size=len(groups))
+            boots[b] = np.mean([groups[g][rng.integers(groups[g].size, size=groups[g].size)].mean() for g in drawn])
+        out["boot_ci"] = [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))]
+    else:
+        out["boot_ci"] = [nan, nan]
+    return out
+
+
+_METRICS_LINE = re.compile(r"Epoch\[(\d+)\] Metrics -- (.*)")
+
+
+def read_curve(log: Path) -> dict[int, dict[str, float]]:
+    """Validation metrics by epoch from a training log (the lines MONAI's ``StatsHandler`` prints)."""
+    curve: dict[int, dict[str, float]] = {}
+    if not log.exists():
+        return curve
+    for line in log.read_text(errors="replace").splitlines():
+        m = _METRICS_LINE.search(line)
+        if m and "val_" in m.group(2):
+            pairs = re.findall(r"(\w+): (-?[\d.]+(?:e-?\d+)?|nan|inf)", m.group(2))
+            curve[int(m.group(1))] = {k: float(v) for k, v in pairs}
+    return curve
+
+
+def curves_table(output_dir: Path, arms: list[str], seeds: list[int]) -> list[dict]:
+    """Rows (arm, epoch, metric means over seeds) from every run's training log; also written as a figure."""
+    import numpy as np
+
+    rows = []
+    for arm in arms:
+        runs = [read_curve(output_dir / arm / f"seed_{s}" / "log.txt") for s in seeds]
+        runs = [r for r in runs if r]
+        for epoch in sorted(set().union(*runs)) if runs else []:
+            vals = [r[epoch] for r in runs if epoch in r]
+            keys = sorted(set().union(*vals))
+            rows.append({"arm": arm, "epoch": epoch, "n_seeds": len(vals),
+                         **{k: float(np.nanmean([v.get(k, np.nan) for v in vals])) for k in keys}})
+    return rows
+
+
+def _plot_curves(rows: list[dict], path: Path, metrics=("val_psnr", "val_psnr_tumour", "val_qa_auroc_worst")) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in metrics if any(m in r for r in rows)]
+    if not metrics:
+        return
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.4))
+    for ax, m in zip(list(getattr(axes, "flat", [axes])), metrics):
+        for arm in dict.fromkeys(r["arm"] for r in rows):
+            pts = [(r["epoch"], r[m]) for r in rows if r["arm"] == arm and m in r]
+            if pts:
+                ax.plot(*zip(*pts), label=arm, marker=".")
+        ax.set_xlabel("epoch")
+        ax.set_title(f"{m} (validation, mean over seeds)", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes_list = list(getattr(axes, "flat", [axes]))
+    axes_list[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def comparisons_table(output_dir: Path, comparisons: list[tuple[str, str]], seeds: list[int],
+                      metrics: tuple[str, ...] = RUN_LEVEL_METRICS) -> tuple[str, list[dict]]:
+    """Run-level comparisons ``arm`` vs ``base`` (see :func:`paired_run_statistics`) and the subject-level test."""
+    import numpy as np
+    from scipy.stats import wilcoxon
+
+    def runs_of(arm):
+        return {s: _read_metrics(f) for s in seeds
+                if (f := output_dir / arm / f"seed_{s}" / "eval" / "metrics.csv").exists()}
+
+    rows, md = [], []
+    md.append("| comparison | metric | per-seed differences | mean (run unit) | 95% t-CI over seeds | t-test p "
+              "| 95% hierarchical bootstrap CI | subject-level Wilcoxon p |")
+    md.append("|---" * 8 + "|")
+    for arm, base in comparisons:
+        a_runs, b_runs = runs_of(arm), runs_of(base)
+        if not a_runs or not b_runs:
+            continue
+        for m in metrics:
+            if m not in next(iter(next(iter(a_runs.values())).values())):
+                continue
+            st = paired_run_statistics(a_runs, b_runs, m)
+            common = sorted(set(a_runs) & set(b_runs))
+            subs = sorted(set.intersection(*[set(a_runs[s]) & set(b_runs[s]) for s in common])) if common else []
+            a = np.array([np.nanmean([a_runs[s][k][m] for s in common]) for k in subs])
+            b = np.array([np.nanmean([b_runs[s][k][m] for s in common]) for k in subs])
+            ok = np.isfinite(a) & np.isfinite(b)
+            p_sub = float(wilcoxon(a[ok], b[ok]).pvalue) if ok.sum() > 1 and np.any(a[ok] != b[ok]) else float("nan")
+            row = {"arm": arm, "base": base, "metric": m, "n_seeds": st["n_seeds"], "n_subjects": int(ok.sum()),
+                   "seed_diffs": st["seed_diffs"], "mean": st["mean"], "t_ci": st["t_ci"], "t_p": st["t_p"],
+                   "boot_ci": st["boot_ci"], "subject_wilcoxon_p": p_sub}
+            rows.append(row)
+            fmt = lambda v: f"{v:+.3f}"  # noqa: E731
+            md.append(f"| {arm} vs {base} | {m} | {', '.join(fmt(v) for v in st['seed_diffs'])} | {fmt(st['mean'])} "
+                      f"| [{fmt(st['t_ci'][0])}, {fmt(st['t_ci'][1])}] | {st['t_p']:.3g} "
+                      f"| [{fmt(st['boot_ci'][0])}, {fmt(st['boot_ci'][1])}] | {p_sub:.3g} |")
+    return "\n".join(md) + "\n", rows
+
+
+def _train_times(output_dir: Path, arms: list[str], seeds: list[int]) -> dict[str, list[float]]:
+    out = {}
+    for arm in arms:
+        t = [json.loads(f.read_text())["seconds"] for s in seeds
+             if (f := output_dir / arm / f"seed_{s}" / "train_time.json").exists()]
+        if t:
+            out[arm] = t
+    return out
+
+
 def main(output_dir: str = "ablation", arms: dict | None = None, seeds: list | tuple = (0,), epochs: int = 40,
          reference: str = "dual_attention", dataset_dir: str | None = None, phantom: dict | None = None,
-         overrides: dict | None = None, workers: int = 1, aggregate_only: bool = False) -> str:
-    """Run the ablation and write ``ablation.md`` and ``ablation.csv`` in ``output_dir``.
+         overrides: dict | None = None, workers: int = 1, aggregate_only: bool = False,
+         comparisons: list | None = None) -> str:
+    """Run the ablation and write ``ablation.md``, ``ablation.csv``, ``comparisons.csv``, ``curves.csv`` and
+    ``curves.png`` in ``output_dir``.
 
     Args:
         output_dir: folder for every run and the tables.
@@ -141,6 +312,7 @@ def main(output_dir: str = "ablation", arms: dict | None = None, seeds: list | t
         overrides: config overrides applied to every arm (e.g. ``{"val_interval": 10}``).
         workers: runs in parallel (each gets cores / workers threads).
         aggregate_only: only rebuild the tables from finished runs.
+        comparisons: ``[[arm, baseline], ...]`` for the run-level table; default every arm against ``reference``.
     """
     import csv
     from concurrent.futures import ThreadPoolExecutor
@@ -162,14 +334,37 @@ def main(output_dir: str = "ablation", arms: dict | None = None, seeds: list | t
         jobs = [(name, arm, seed) for seed in seeds for name, arm in arms.items()]
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(lambda j: run_arm(j[0], j[1], j[2], out, common, threads), jobs))
+    pairs = [tuple(c) for c in comparisons] if comparisons else [(a, reference) for a in arms if a != reference]
+    for pair in pairs:
+        if len(pair) != 2 or any(a not in arms for a in pair):
+            raise ValueError(f"each comparison must be [arm, baseline] with arms from {list(arms)}, got {pair!r}.")
     md, rows = aggregate(out, list(arms), seeds, reference)
-    (out / "ablation.md").write_text(md)
-    with open(out / "ablation.csv", "w", newline="") as f:
-        fields = list(dict.fromkeys(k for r in rows for k in r))
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(md)
+    cmp_md, cmp_rows = comparisons_table(out, pairs, seeds)
+    curve_rows = curves_table(out, list(arms), seeds)
+    times = _train_times(out, list(arms), seeds)
+    text = ["## Per arm (subjects as rows, seed-averaged)", "", md, "## Comparisons with the training run as the unit",
+            "", "Per-seed differences are differences of the test-subject means of two runs with the same seed. "
+            "The t-interval and t-test use the seeds as the sample; the bootstrap resamples seeds, then subjects "
+            "within each seed (paired). The subject-level Wilcoxon test (seed-averaged values, subjects as the "
+            "unit) is shown beside them for comparison only.", "", cmp_md]
+    if times:
+        text += ["## Training wall time per run (seconds)", "",
+                 "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |", "|---" * (len(seeds) + 2) + "|"]
+        text += [f"| {a} | " + " | ".join(f"{v:.0f}" for v in t) + f" | {sum(t) / len(t):.0f} |" for a, t in times.items()]
+        text.append("")
+    if curve_rows:
+        text += ["Validation curves (mean over seeds): `curves.csv`, `curves.png`.", ""]
+        _plot_curves(curve_rows, out / "curves.png")
+    (out / "ablation.md").write_text("\n".join(text))
+    for name, table in (("ablation.csv", rows), ("comparisons.csv", cmp_rows), ("curves.csv", curve_rows)):
+        if not table:
+            continue
+        with open(out / name, "w", newline="") as f:
+            fields = list(dict.fromkeys(k for r in table for k in r))
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(table)
+    print("\n".join(text))
     return str(out / "ablation.md")
 
 

@@ -1,0 +1,123 @@
+"""Search the attention's options with Optuna, using the ablation harness as the objective.
+
+Each trial trains ``dual_attention`` with sampled options through the bundle (``scripts/ablation.py``'s
+``run_arm``) and evaluates it on the **validation** list (the test subjects are never used for the choice). The
+objective rewards tumour PSNR and penalises any whole-volume PSNR loss of more than ``tolerance`` dB against a plain
+UNet trained with the same budget and seed::
+
+    objective = psnr_tumour + penalty * min(0, psnr_volume - (unet_psnr_volume - tolerance))
+
+The study lives in a SQLite file in ``output_dir``, so an interrupted search resumes where it stopped (finished runs
+are reused, too). Configurations to try first can be queued with ``enqueue``.
+
+Example (6 trials, two at a time, two configurations queued first)::
+
+    python scripts/tune.py --output_dir tune --n_trials 6 --epochs 60 --n_jobs 2 \\
+        --enqueue "[{'local_conditional': True}, {'local_conditional': True, 'beta': 4.0}]"
+
+Needs the optional extra ``pip install .[tune]`` (Optuna).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+#: Options searched, with their choices (categorical so that queued trials and the table stay readable).
+SEARCH_SPACE: dict[str, list] = {
+    "local_conditional": [False, True],
+    "beta": [1.0, 2.0, 4.0],
+    "attention_norm": ["none", "mean"],
+    "attention_floor": [0.0, 0.3],
+    "attention_warmup": [0, 120, 400],
+    "lambda_adv_local": [0.01, 0.05, 0.2],
+}
+
+
+def objective_value(metrics: dict[str, float], unet_volume: float, tolerance: float = 0.2,
+                    penalty: float = 2.0) -> float:
+    """Tumour PSNR, minus ``penalty`` per dB of whole-volume PSNR lost beyond ``tolerance`` against the UNet."""
+    return metrics["psnr_tumour"] + penalty * min(0.0, metrics["psnr_volume"] - (unet_volume - tolerance))
+
+
+def _mean_metrics(run_dir: Path) -> dict[str, float]:
+    import numpy as np
+    from ablation import _read_metrics
+
+    rows = _read_metrics(run_dir / "eval" / "metrics.csv")
+    keys = next(iter(rows.values())).keys()
+    return {k: float(np.nanmean([r[k] for r in rows.values()])) for k in keys}
+
+
+def main(output_dir: str = "tune", n_trials: int = 6, epochs: int = 60, seed: int = 0, n_jobs: int = 1,
+         enqueue: list | None = None, dataset_dir: str | None = None, phantom: dict | None = None,
+         overrides: dict | None = None, tolerance: float = 0.2, penalty: float = 2.0) -> str:
+    """Run (or resume) the search; write ``trials.csv`` and print the best configuration.
+
+    Args:
+        output_dir: folder of the study (``study.db``), the runs and the data.
+        n_trials: trials to run in this call (on top of finished ones).
+        epochs: training budget of every trial and of the UNet reference.
+        seed: training seed of every trial.
+        n_jobs: trials run in parallel (each gets cores / n_jobs threads).
+        enqueue: option dicts to try first (keys from ``SEARCH_SPACE``; missing keys are sampled).
+        dataset_dir: data folder (default ``<output_dir>/data``, the ablation's phantom).
+        phantom: phantom options (default: the ablation's).
+        overrides: config overrides for every run.
+        tolerance, penalty: see the module docstring.
+    """
+    import csv
+
+    import optuna
+    from ablation import run_arm
+
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    common = {"epochs": epochs, "dataset_dir": str(Path(dataset_dir).resolve()) if dataset_dir else str(out / "data"),
+              "phantom": phantom or {"task": "t1t2", "n_train": 16, "n_val": 4, "n_test": 12, "seed": 0},
+              **(overrides or {})}
+    threads = max(1, (os.cpu_count() or 1) // max(1, n_jobs))
+    unet = _mean_metrics(run_arm("unet", {"variant": "unet"}, seed, out, common, threads, eval_section="validation"))
+    study = optuna.create_study(study_name="attention", storage=f"sqlite:///{out / 'study.db'}",
+                                direction="maximize", load_if_exists=True,
+                                sampler=optuna.samplers.TPESampler(seed=seed))
+    for params in enqueue or []:
+        unknown = set(params) - set(SEARCH_SPACE)
+        if unknown:
+            raise ValueError(f"enqueue: unknown option(s) {sorted(unknown)}; searchable: {list(SEARCH_SPACE)}.")
+        study.enqueue_trial(params, skip_if_exists=True)
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {k: trial.suggest_categorical(k, v) for k, v in SEARCH_SPACE.items()}
+        name = "trial_" + "_".join(f"{k}-{v}" for k, v in sorted(params.items()))
+        run_dir = run_arm(name, {"variant": "dual_attention", **params}, seed, out, common, threads,
+                          eval_section="validation")
+        metrics = _mean_metrics(run_dir)
+        for k in ("psnr_volume", "psnr_tumour", "qa_auroc_worst", "qa_spearman"):
+            trial.set_user_attr(k, metrics.get(k, float("nan")))
+        trial.set_user_attr("run_dir", str(run_dir))
+        return objective_value(metrics, unet["psnr_volume"], tolerance, penalty)
+
+    study.optimize(objective, n_trials=n_trials, n_jobs=n_jobs)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    with open(out / "trials.csv", "w", newline="") as f:
+        fields = ["number", "value", *SEARCH_SPACE, "psnr_volume", "psnr_tumour", "qa_auroc_worst", "qa_spearman"]
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for t in done:
+            writer.writerow({"number": t.number, "value": t.value, **t.params,
+                             **{k: t.user_attrs.get(k) for k in fields[2 + len(SEARCH_SPACE):]}})
+    print(f"UNet reference (validation): psnr_volume {unet['psnr_volume']:.3f}, psnr_tumour {unet['psnr_tumour']:.3f}")
+    for t in sorted(done, key=lambda t: -t.value):
+        print(f"trial {t.number}: objective {t.value:.3f}, psnr_volume {t.user_attrs['psnr_volume']:.3f}, "
+              f"psnr_tumour {t.user_attrs['psnr_tumour']:.3f}, qa_auroc {t.user_attrs.get('qa_auroc_worst')}: {t.params}")
+    return str(out / "trials.csv")
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
