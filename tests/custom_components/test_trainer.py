@@ -170,3 +170,183 @@ def test_non_finite_loss_stops_before_updating_and_names_the_term():
     with pytest.raises(FloatingPointError, match=r"iteration 3 .*'loss_critic' is nan"):
         trainer.run()
     assert not any(_changed(n, b) for n, b in zip((g, d1, d2), good))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Direction tests: each sub-step of the trainer, on one fixed batch, moves its network the way the paper's equation says.
+# ----------------------------------------------------------------------------------------------------------------------
+def _fixed_batch(size: int = 16):
+    g = torch.Generator().manual_seed(1)
+    source = torch.rand(4, 1, size, size, generator=g)
+    target = (1.0 - source) * 0.8 + 0.1 * torch.rand(4, 1, size, size, generator=g)
+    return source, target
+
+
+def _critic_gap(d1, target, fake):
+    with torch.no_grad():
+        return float(d1(target).mean() - d1(fake).mean())
+
+
+def _mean_confidence(d2, image):
+    with torch.no_grad():
+        return float(torch.sigmoid(d2(image)).mean())
+
+
+def test_critic_step_widens_the_wasserstein_gap():
+    trainer, g, d1, _ = _make("global", lambda_gp=0.0)  # the Wasserstein term of Eq. 2 alone
+    source, target = _fixed_batch()
+    fake = g(source).detach()
+    before = _critic_gap(d1, target, fake)
+    for _ in range(3):
+        out = trainer.critic_step(source, target, fake)
+    assert _critic_gap(d1, target, fake) > before  # Eq. 2: D1 learns to score Y above G(X)
+    assert out[DualAttentionKeys.WASSERSTEIN] == pytest.approx(
+        float((d1(target).mean() - d1(fake).mean()).detach()), abs=1.0)  # reported estimate is the same quantity
+
+
+def test_local_step_raises_confidence_on_real_and_lowers_it_on_synthetic():
+    trainer, g, _, d2 = _make("local")
+    source, target = _fixed_batch()
+    fake = g(source).detach()
+    real_before, fake_before = _mean_confidence(d2, target), _mean_confidence(d2, fake)
+    for _ in range(3):
+        trainer.local_step(source, target, fake)
+    assert _mean_confidence(d2, target) > real_before  # Eq. 4: real voxels -> 1
+    assert _mean_confidence(d2, fake) < fake_before  # Eq. 4: synthetic voxels -> 0
+
+
+def _adversarial_only_step(trainer, g, source):
+    """A G step whose voxel loss has no gradient (target = current G(X)), so only L_ADV1/L_ADV2 move G."""
+    with torch.no_grad():
+        g.train()
+        target = g(source).clone()
+    trainer.generator_step(source, target)
+
+
+def test_generator_adversarial_term_global_moves_critic_score_of_synthetic_up():
+    trainer, g, d1, _ = _make("global")
+    source, target = _fixed_batch()
+    for _ in range(3):  # a critic that already separates real from synthetic
+        trainer.critic_step(source, target, g(source).detach())
+    with torch.no_grad():
+        before = float(d1(g(source)).mean())
+    for _ in range(3):
+        _adversarial_only_step(trainer, g, source)
+    with torch.no_grad():
+        after = float(d1(g(source)).mean())
+    assert after > before  # Eq. 3: G maximises D1(G(X))
+
+
+def test_generator_adversarial_term_local_moves_confidence_of_synthetic_up():
+    trainer, g, _, d2 = _make("local")
+    source, target = _fixed_batch()
+    for _ in range(3):
+        trainer.local_step(source, target, g(source).detach())
+    with torch.no_grad():
+        before = _mean_confidence(d2, g(source))
+    for _ in range(3):
+        _adversarial_only_step(trainer, g, source)
+    with torch.no_grad():
+        after = _mean_confidence(d2, g(source))
+    assert after > before  # Eq. 5: G pushes D2(G(X)) toward "real"
+
+
+def test_generator_step_leaves_discriminators_unchanged_and_trainable():
+    trainer, g, d1, d2 = _make("dual_attention")
+    source, target = _fixed_batch()
+    trainer.critic_step(source, target, g(source).detach())
+    trainer.local_step(source, target, g(source).detach())
+    before = {n: copy.deepcopy(net.state_dict()) for n, net in (("d1", d1), ("d2", d2), ("g", g))}
+    trainer.state.iteration = 1
+    trainer.generator_step(source, target)
+    assert not _changed(d1, before["d1"]) and not _changed(d2, before["d2"])
+    assert _changed(g, before["g"])
+    assert all(p.requires_grad for net in (d1, d2) for p in net.parameters())
+
+
+def test_trainer_penalty_equals_gradient_penalty_module():
+    from custom_components import GradientPenalty
+
+    trainer, g, d1, _ = _make("global", lambda_gp=10.0)
+    source, target = _fixed_batch()
+    fake = g(source).detach()
+    reference_critic = copy.deepcopy(d1)
+    torch.manual_seed(7)
+    out = trainer.critic_step(source, target, fake)
+    torch.manual_seed(7)  # same interpolation coefficients
+    expected = GradientPenalty(10.0)(reference_critic, target, fake)
+    assert out[DualAttentionKeys.GP] == pytest.approx(float(expected.detach()), rel=1e-4)
+    assert out[DualAttentionKeys.GP] > 0
+
+
+@pytest.mark.parametrize("norm,floor", [("none", 0.0), ("mean", 0.0), ("mean", 0.4), ("none", 0.4)])
+def test_attention_reaches_the_voxel_loss_as_specified(norm, floor):
+    from custom_components import attention_weight
+
+    trainer, g, _, d2 = _make("dual_attention", beta=2.0, attention_norm=norm, attention_floor=floor,
+                              lambda_adv_global=0.0, lambda_adv_local=0.0)
+    source, target = _fixed_batch()
+    trainer.local_step(source, target, g(source).detach())
+    with torch.no_grad():
+        g.train()
+        fake = g(source)
+        m = torch.sigmoid(d2(fake))
+    f = (1 - m) ** 2
+    if norm == "mean":
+        f = f / f.mean(dim=(1, 2, 3), keepdim=True)
+    f = floor + (1 - floor) * f
+    expected = float((f * (target - fake).abs()).mean())
+    assert torch.allclose(attention_weight(m, 2.0, norm, floor), f, atol=1e-6)
+    trainer.state.iteration = 1
+    out = trainer.generator_step(source, target)
+    assert out[DualAttentionKeys.RECON] == pytest.approx(expected, rel=1e-4)
+    assert out[DualAttentionKeys.ATTENTION_MEAN] == pytest.approx(float(f.mean()), rel=1e-4)
+    plain = float((target - fake).abs().mean())
+    assert abs(out[DualAttentionKeys.RECON] - plain) > 1e-6  # the weighting changed the loss
+
+
+def test_attention_is_off_during_warmup():
+    trainer, g, _, d2 = _make("dual_attention", attention_warmup=5, lambda_adv_global=0.0, lambda_adv_local=0.0)
+    source, target = _fixed_batch()
+    trainer.state.iteration = 5
+    with torch.no_grad():
+        g.train()
+        plain = float((target - g(source)).abs().mean())
+    out = trainer.generator_step(source, target)
+    assert out[DualAttentionKeys.RECON] == pytest.approx(plain, rel=1e-5)
+    assert out[DualAttentionKeys.ATTENTION_MEAN] == 1.0
+
+
+def test_conditional_local_discriminator_sees_source_then_image():
+    torch.manual_seed(0)
+    g = UNet(2, 1, 1, (4, 8, 16), (2, 2), num_res_units=0)
+    d2 = LocalDiscriminator(2, in_channels=2, channels=(4, 4, 8, 8))
+    seen = []
+    d2.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach().clone()))
+    factory = lambda params: torch.optim.Adam(params, lr=1e-3)  # noqa: E731
+    trainer = DualAttentionTrainer("cpu", 1, _batches(2), g, torch.optim.Adam(g.parameters(), lr=1e-3), "local",
+                                   None, None, d2, factory, local_conditional=True)
+    source, target = _fixed_batch()
+    fake = g(source).detach()
+    trainer.local_step(source, target, fake)
+    pair = seen[-1]
+    assert pair.shape[1] == 2
+    assert torch.equal(pair[:4, 0:1], source) and torch.equal(pair[:4, 1:2], target)
+    assert torch.equal(pair[4:, 0:1], source) and torch.allclose(pair[4:, 1:2], fake)
+
+
+@pytest.mark.parametrize("fresh,draws", [("none", 0), ("generator", 1), ("all", 3)])
+def test_fresh_batches_draw_other_minibatches(fresh, draws):
+    trainer, g, d1, d2 = _make("dual_attention", n_critic=3, fresh_batches=fresh, epoch_length=1)
+    other = _fixed_batch(16)
+    calls = []
+
+    def next_batch():
+        calls.append(1)
+        return other
+
+    trainer.next_batch = next_batch
+    trainer.run()
+    assert len(calls) == draws
+    used = trainer.state.output[DualAttentionKeys.IMAGE]
+    assert torch.equal(used, other[0]) == (fresh != "none")
