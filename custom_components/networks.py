@@ -13,7 +13,7 @@ import torch
 from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Act, Pool
 
-__all__ = ["GlobalCritic", "LocalDiscriminator"]
+__all__ = ["GlobalCritic", "LocalDiscriminator", "load_pretrained"]
 
 
 def _check_spatial_dims(spatial_dims: int) -> None:
@@ -151,3 +151,27 @@ class LocalDiscriminator(torch.nn.Module):
         for up, fuse in zip(self.up, self.fuse):
             h = fuse(torch.cat([up(h), skips.pop()], dim=1))
         return self.out(h)
+
+
+def load_pretrained(network: torch.nn.Module, path: str | None) -> torch.nn.Module:
+    """Initialise ``network`` from a saved state dict (e.g. a plain UNet's ``model.pt``); ``None`` does nothing.
+
+    Used to start the adversarial training from a generator trained with the plain voxel loss: the difficulty-aware
+    attention only has hard regions to find once G renders the easy ones well. Loaded with ``weights_only=True``.
+    """
+    if path in (None, "", "none", "None"):
+        return network
+    import os
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained weights {path!r} do not exist (option pretrained_generator).")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - name the file whatever the reader's failure
+        raise ValueError(f"pretrained weights {path!r} cannot be read as a state dict: {type(e).__name__}: {e}") from e
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"pretrained weights {path!r} do not fit the generator defined by network_def "
+                         f"(check generator_channels and spatial_dims): {str(e).splitlines()[0]}") from e
+    return network

@@ -58,6 +58,8 @@ def run_arm(name: str, overrides: dict, seed: int, output_dir: Path, common: dic
     if metrics.exists():
         print(f"[ablation] {name} seed {seed}: done already ({metrics})", flush=True)
         return run_dir
+    # a string option may name its seed's file, e.g. {"pretrained_generator": "pre/unet/seed_{seed}/models/model.pt"}
+    overrides = {k: v.format(seed=seed) if isinstance(v, str) and "{seed}" in v else v for k, v in overrides.items()}
     settings = {**common, **overrides, "seed": seed, "model_dir": str(run_dir / "models"),
                 "output_dir": str(run_dir / "train")}
     base = [sys.executable, "-m", "monai.bundle", "run"]
