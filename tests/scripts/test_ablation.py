@@ -64,3 +64,49 @@ def test_ablation_cli_end_to_end_tiny(tmp_path):
     # finished runs are reused
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("done already") == 5
+
+
+def _runs(values_by_seed):
+    return {s: {sub: {"psnr_tumour": v} for sub, v in subs.items()} for s, subs in values_by_seed.items()}
+
+
+def test_run_level_statistics_use_seeds_as_the_unit():
+    from scipy import stats
+
+    base = _runs({0: {"a": 10.0, "b": 12.0, "c": 11.0}, 1: {"a": 9.0, "b": 13.0, "c": 10.0},
+                  2: {"a": 10.5, "b": 11.0, "c": 12.0}})
+    shifts = {0: 0.5, 1: 1.0, 2: -0.2}
+    arm = {s: {k: {"psnr_tumour": v["psnr_tumour"] + shifts[s]} for k, v in subs.items()} for s, subs in base.items()}
+    st = ablation.paired_run_statistics(arm, base, "psnr_tumour", n_boot=2000)
+    assert st["n_seeds"] == 3
+    assert st["seed_diffs"] == pytest.approx([0.5, 1.0, -0.2])
+    d = np.array([0.5, 1.0, -0.2])
+    half = stats.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
+    assert st["mean"] == pytest.approx(d.mean())
+    assert st["t_ci"] == pytest.approx([d.mean() - half, d.mean() + half])
+    assert st["t_p"] == pytest.approx(stats.ttest_1samp(d, 0).pvalue)
+    # constant shift within a seed: the bootstrap only sees seed-to-seed variation, within its range
+    lo, hi = st["boot_ci"]
+    assert -0.2 - 1e-9 <= lo < d.mean() < hi <= 1.0 + 1e-9
+    # a subject-level test would call 9 pairs significant; the run-level interval includes 0
+    assert st["t_ci"][0] < 0 < st["t_ci"][1]
+
+
+def test_run_level_statistics_skip_missing_seeds_and_subjects():
+    base = _runs({0: {"a": 1.0, "b": 2.0}, 1: {"a": 1.0}})
+    arm = _runs({0: {"a": 2.0, "c": 5.0}, 2: {"a": 9.0}})
+    st = ablation.paired_run_statistics(arm, base, "psnr_tumour", n_boot=100)
+    assert st["n_seeds"] == 1 and st["seed_diffs"] == [1.0]
+    assert np.isnan(st["t_p"])
+
+
+def test_curves_are_read_from_the_training_log(tmp_path):
+    log = tmp_path / "unet" / "seed_0" / "log.txt"
+    log.parent.mkdir(parents=True)
+    log.write_text("2026 - INFO - Epoch[5] Metrics -- val_mae: 0.1 val_psnr: 12.5 val_psnr_tumour: 3.25e-01\n"
+                   "noise line\n2026 - INFO - Epoch[10] Metrics -- val_mae: 0.05 val_psnr: 15.0 val_psnr_tumour: nan\n")
+    curve = ablation.read_curve(log)
+    assert curve[5] == {"val_mae": 0.1, "val_psnr": 12.5, "val_psnr_tumour": 0.325}
+    assert curve[10]["val_psnr"] == 15.0 and np.isnan(curve[10]["val_psnr_tumour"])
+    rows = ablation.curves_table(tmp_path, ["unet"], [0, 1])
+    assert [(r["epoch"], r["val_psnr"], r["n_seeds"]) for r in rows] == [(5, 12.5, 1), (10, 15.0, 1)]

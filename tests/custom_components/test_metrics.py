@@ -1,0 +1,100 @@
+"""The confidence map's quality as an error detector (custom_components.metrics.confidence_qa)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from scipy.stats import spearmanr
+
+from custom_components.metrics import QA_KEYS, ConfidenceQAMetric, confidence_qa
+
+
+def _volume(seed=0, shape=(1, 24, 20, 6)):
+    g = torch.Generator().manual_seed(seed)
+    target = torch.rand(shape, generator=g)
+    pred = (target + 0.1 * torch.randn(shape, generator=g)).clamp(0, 1)
+    return pred, target
+
+
+def test_perfect_inverted_and_uninformative_maps():
+    pred, target = _volume()
+    err = (target - pred).abs()
+    perfect = confidence_qa(1 - err, pred, target)
+    assert perfect["qa_auroc_worst"] == pytest.approx(1.0) and perfect["qa_spearman"] == pytest.approx(1.0)
+    inverted = confidence_qa(err, pred, target)
+    assert inverted["qa_auroc_worst"] == pytest.approx(0.0) and inverted["qa_spearman"] == pytest.approx(-1.0)
+    flat = confidence_qa(torch.full_like(err, 0.7), pred, target)
+    assert flat["qa_auroc_worst"] == pytest.approx(0.5)  # ties: no information
+    assert math.isnan(flat["qa_spearman"])
+
+
+def test_auroc_matches_pairwise_definition_inside_the_foreground():
+    pred, target = _volume(1, (1, 10, 8, 3))
+    g = torch.Generator().manual_seed(2)
+    m = torch.rand(pred.shape, generator=g)
+    mask = torch.zeros_like(pred)
+    mask[:, 2:9, 1:7] = 1
+    out = confidence_qa(m, pred, target, mask=mask, worst_fraction=0.2)
+    fg = mask.bool().flatten()
+    err, score = (target - pred).abs().flatten()[fg].numpy(), (1 - m).flatten()[fg].numpy()
+    pos = err >= np.quantile(err, 0.8)
+    # probability that a random worst voxel scores above a random other voxel (ties count half)
+    diff = score[pos][:, None] - score[~pos][None, :]
+    expected = float((diff > 0).mean() + 0.5 * (diff == 0).mean())
+    assert out["qa_auroc_worst"] == pytest.approx(expected, rel=1e-9)
+    assert out["qa_spearman"] == pytest.approx(spearmanr(score, err).statistic, rel=1e-9)
+
+
+def test_mean_confidence_inside_and_outside_tumour():
+    pred, target = _volume()
+    m = torch.full_like(pred, 0.8)
+    label = torch.zeros_like(pred)
+    label[:, 5:10, 5:10] = 1
+    m[label > 0] = 0.2
+    mask = torch.ones_like(pred)
+    mask[:, :2] = 0  # background is not "outside the tumour"
+    m[mask == 0] = 0.0
+    out = confidence_qa(m, pred, target, mask=mask, label=label)
+    assert out["qa_confidence_tumour"] == pytest.approx(0.2)
+    assert out["qa_confidence_outside"] == pytest.approx(0.8)
+    assert math.isnan(confidence_qa(m, pred, target)["qa_confidence_tumour"])
+
+
+def test_bad_inputs_are_named():
+    pred, target = _volume()
+    with pytest.raises(ValueError, match="worst_fraction"):
+        confidence_qa(pred, pred, target, worst_fraction=1.5)
+    with pytest.raises(ValueError, match="same number of voxels"):
+        confidence_qa(pred[:, :5], pred, target)
+
+
+def test_metric_averages_volumes_and_names_entries():
+    vols = [_volume(s) for s in range(3)]
+    items = [{"pred": p, "label": t, "confidence": 1 - (t - p).abs()} for p, t in vols]
+    batches = [{"mask": None, "label": None} for _ in vols]
+
+    def step(engine, _):
+        return [items[engine.state.iteration - 1]]
+
+    engine = Engine(step)
+    engine.add_event_handler(Events.ITERATION_STARTED,
+                             lambda e: setattr(e.state, "batch", [batches[e.state.iteration - 1]]))
+    metric = ConfidenceQAMetric()
+    metric.attach(engine, "val_qa")
+    engine.run(range(3), max_epochs=1)
+    assert set(engine.state.metrics) == {f"val_{k}" for k in QA_KEYS}
+    assert engine.state.metrics["val_qa_auroc_worst"] == pytest.approx(1.0)
+    expected = np.mean([confidence_qa(i["confidence"], i["pred"], i["label"])["qa_spearman"] for i in items])
+    assert engine.state.metrics["val_qa_spearman"] == pytest.approx(expected)
+
+
+def test_metric_without_confidence_map_says_what_to_add():
+    pred, target = _volume()
+    metric = ConfidenceQAMetric()
+    metric.reset()
+    with pytest.raises(KeyError, match="ConfidenceMapd"):
+        metric.update(([{"pred": pred, "label": target}], [{}]))
