@@ -193,7 +193,10 @@ class DualAttentionTrainer(Trainer):
         lambda_adv_local: lambda_2 of Eq. 7.
         n_critic: critic updates per generator update.
         attention_warmup: iterations of plain L1/L2 before the attention is switched on (M is meaningless before
-            D2 has learned anything).
+            D2 has learned anything); counted from the first adversarial iteration.
+        adversarial_warmup: iterations at the start in which only G is trained, with the plain voxel loss (no
+            discriminator update, no adversarial term): the attention has hard regions to find only once G renders
+            the easy ones well. Same as starting from a pretrained UNet, in one run.
         attention_norm: ``"none"`` (the paper) or ``"mean"`` (F divided by its per-sample mean).
         attention_floor: alpha in [0, 1]; F becomes alpha + (1 - alpha) F (0 = the paper).
         local_conditional: D2 judges the pair (X, image) instead of the image alone; D2 then needs
@@ -234,6 +237,7 @@ class DualAttentionTrainer(Trainer):
         attention_warmup: int = 0,
         attention_norm: AttentionNorm | str = AttentionNorm.NONE,
         attention_floor: float = 0.0,
+        adversarial_warmup: int = 0,
         local_conditional: bool = False,
         fresh_batches: FreshBatches | str = FreshBatches.NONE,
         epoch_length: int | None = None,
@@ -252,6 +256,8 @@ class DualAttentionTrainer(Trainer):
             raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}.")
         if precision == "fp16" and torch.device(device).type != "cuda":
             raise ValueError(f"precision 'fp16' needs a CUDA device (got {device!r}); use 'bf16' on CPU.")
+        if not isinstance(adversarial_warmup, int) or adversarial_warmup < 0:
+            raise ValueError(f"adversarial_warmup must be an integer >= 0, got {adversarial_warmup!r}.")
         if not isinstance(gp_interval, int) or gp_interval < 1:
             raise ValueError(f"gp_interval must be an integer >= 1, got {gp_interval!r}.")
         self.variant = Variant(variant)
@@ -281,6 +287,7 @@ class DualAttentionTrainer(Trainer):
         self.beta, self.attention_norm = float(beta), AttentionNorm(attention_norm)
         self.attention_warmup, self.attention_floor = attention_warmup, float(attention_floor)
         self.local_conditional = bool(local_conditional)
+        self.adversarial_warmup = adversarial_warmup
         self.fresh_batches = FreshBatches(fresh_batches)
         self._extra_batches: Any = None
         self.lambda_adv_global, self.lambda_adv_local = float(lambda_adv_global), float(lambda_adv_local)
@@ -314,9 +321,13 @@ class DualAttentionTrainer(Trainer):
             objects.update({f"{k}_scaler": v for k, v in self.scalers.items()})
         return {k: v for k, v in objects.items() if v is not None}
 
+    def adversarial_active(self, iteration: int) -> bool:
+        """Whether the discriminators are trained and used at ``iteration`` (1-based)."""
+        return iteration > self.adversarial_warmup
+
     def attention_active(self, iteration: int) -> bool:
         """Whether F = (1 - M)^beta weights the voxel loss at ``iteration`` (1-based)."""
-        return self.variant == Variant.DUAL_ATTENTION and iteration > self.attention_warmup
+        return self.variant == Variant.DUAL_ATTENTION and iteration > self.adversarial_warmup + self.attention_warmup
 
     def _autocast(self):
         if self.precision == "fp32":
@@ -413,6 +424,8 @@ class DualAttentionTrainer(Trainer):
             fake = self._synthesise(source, grad=True)
         self.g_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
         critic_m, local_m = _unwrap(self.global_critic), _unwrap(self.local_discriminator)
+        if not self.adversarial_active(self.state.iteration):
+            critic_m = local_m = None
         with _frozen(critic_m, local_m), self._autocast():
             loss_g = torch.zeros((), device=fake.device)
             weight = None
@@ -447,16 +460,17 @@ class DualAttentionTrainer(Trainer):
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         source, target = batch[0], batch[1]
         fresh_g = engine.fresh_batches != FreshBatches.NONE
-        uses_d = engine.global_critic is not None or engine.local_discriminator is not None
+        adversarial = engine.adversarial_active(engine.state.iteration)
+        uses_d = adversarial and (engine.global_critic is not None or engine.local_discriminator is not None)
         engine.g_network.train()
         # G(X) computed once and reused by every update, unless G's update draws its own batch
         fake = engine._synthesise(source, grad=not fresh_g) if uses_d or not fresh_g else None
         out: dict[str, Any] = {}
-        if engine.global_critic is not None:
+        if adversarial and engine.global_critic is not None:
             out.update(engine.critic_step(source, target, fake))
-        if engine.local_discriminator is not None:
+        if adversarial and engine.local_discriminator is not None:
             out.update(engine.local_step(source, target, fake))
-        if fresh_g:
+        if fresh_g and uses_d:
             source, target = engine.next_batch()
             fake = None
         out.update(engine.generator_step(source, target, fake))

@@ -350,3 +350,19 @@ def test_fresh_batches_draw_other_minibatches(fresh, draws):
     assert len(calls) == draws
     used = trainer.state.output[DualAttentionKeys.IMAGE]
     assert torch.equal(used, other[0]) == (fresh != "none")
+
+
+def test_adversarial_warmup_trains_only_the_generator_first():
+    trainer, g, d1, d2 = _make("dual_attention", adversarial_warmup=2, attention_warmup=1)
+    before = {n: copy.deepcopy(net.state_dict()) for n, net in (("d1", d1), ("d2", d2), ("g", g))}
+    outputs = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(scalar_outputs(e.state.output)))
+    trainer.run()  # epoch 1 = 2 iterations: the warm-up
+    assert _changed(g, before["g"]) and not _changed(d1, before["d1"]) and not _changed(d2, before["d2"])
+    assert all(set(o) == {"loss", "loss_recon", "attention_mean"} for o in outputs)
+    assert not trainer.attention_active(3) and trainer.attention_active(4)  # attention warm-up counts after it
+    trainer.state.max_epochs = 2
+    trainer.run()  # iterations 3-4: adversarial training
+    assert _changed(d1, before["d1"]) and _changed(d2, before["d2"])
+    assert "loss_local_d" in outputs[-1] and "loss_critic" in outputs[-1]
+    assert outputs[-1]["attention_mean"] != 1.0
