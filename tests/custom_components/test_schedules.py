@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from ignite.engine import Engine
+
+from custom_components.schedules import IterationLrSchedule
+
+
+def _run(schedule, max_epochs, epoch_length=5, start=0, resume_at=None):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    seen = []
+    engine = Engine(lambda e, b: seen.append(opt.param_groups[0]["lr"]))
+    IterationLrSchedule([opt, None], schedule, start=start).attach(engine)
+    engine.run(range(epoch_length), max_epochs=max_epochs)
+    return seen
+
+
+def test_cosine_runs_from_base_to_zero_after_start():
+    lrs = _run("cosine", 2, start=2)
+    assert lrs[:3] == pytest.approx([0.1, 0.1, 0.1])
+    expected = [0.1 * 0.5 * (1 + math.cos(math.pi * (i - 2) / 8)) for i in range(2, 10)]
+    assert lrs[2:] == pytest.approx(expected)
+    assert lrs[-1] < lrs[3] < 0.1
+
+
+def test_constant_leaves_the_rate_alone():
+    assert _run("constant", 2) == pytest.approx([0.1] * 10)
+
+
+def test_rate_depends_only_on_the_iteration_so_a_resume_continues_the_curve():
+    sched = IterationLrSchedule([torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)], "cosine")
+    assert sched.factor(0, 10) == 1.0 and sched.factor(5, 10) == pytest.approx(0.5) and sched.factor(10, 10) == 0.0
+
+
+def test_bad_options_are_named():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="min_factor"):
+        IterationLrSchedule([opt], "cosine", min_factor=2)
+    with pytest.raises(ValueError):
+        IterationLrSchedule([opt], "linear")
