@@ -220,6 +220,7 @@ def _adversarial_only_step(trainer, g, source):
     with torch.no_grad():
         g.train()
         target = g(source).clone()
+    trainer.state.iteration = max(trainer.state.iteration, 1)  # 1-based, as during a run
     trainer.generator_step(source, target)
 
 
