@@ -98,13 +98,13 @@ def aggregate(output_dir: Path, arms: list[str], seeds: list[int], reference: st
             if (f := output_dir / arm / f"seed_{seed}" / "eval" / "metrics.csv").exists()}
     if not runs:
         raise FileNotFoundError(f"no metrics.csv under {output_dir}")
-    first = next(iter(runs.values()))
-    metrics = [m for m in TABLE_METRICS if m in next(iter(first.values()))]
+    present = {k for run in runs.values() for row in run.values() for k in row}  # QA columns: arms with a D2 only
+    metrics = [m for m in TABLE_METRICS if m in present]
 
     def per_subject(arm: str) -> dict[str, dict[str, float]]:  # seed-averaged value per subject
         seeds_of = [runs[(arm, s)] for s in seeds if (arm, s) in runs]
         subjects = sorted(set().union(*seeds_of)) if seeds_of else []
-        return {sub: {m: float(np.nanmean([r[sub][m] for r in seeds_of if sub in r])) for m in metrics}
+        return {sub: {m: float(np.nanmean([r[sub].get(m, np.nan) for r in seeds_of if sub in r])) for m in metrics}
                 for sub in subjects}
 
     table = {arm: per_subject(arm) for arm in arms}
@@ -119,7 +119,7 @@ def aggregate(output_dir: Path, arms: list[str], seeds: list[int], reference: st
             vals = np.array([v[m] for v in subj.values()])
             row[f"{m}_mean"] = float(np.nanmean(vals))
             row[f"{m}_std_subjects"] = float(np.nanstd(vals, ddof=1)) if np.isfinite(vals).sum() > 1 else float("nan")
-            seed_means = [np.nanmean([r[m] for r in runs[(arm, s)].values()]) for s in used]
+            seed_means = [np.nanmean([r.get(m, np.nan) for r in runs[(arm, s)].values()]) for s in used]
             row[f"{m}_std_seeds"] = float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else float("nan")
             if arm != reference and table.get(reference):
                 common = [k for k in subj if k in table[reference]
