@@ -9,7 +9,7 @@ from ignite.engine import Engine, Events
 from monai.utils import StrEnum
 from torch.optim import Optimizer
 
-__all__ = ["LrSchedule", "IterationLrSchedule"]
+__all__ = ["DelayedValidationHandler", "IterationLrSchedule", "LrSchedule"]
 
 
 class LrSchedule(StrEnum):
@@ -58,3 +58,28 @@ class IterationLrSchedule:
         for opt, base in zip(self.optimizers, self.base):
             for group, lr in zip(opt.param_groups, base):
                 group["lr"] = lr * f
+
+
+class DelayedValidationHandler:
+    """Run ``validator`` every ``interval`` epochs, but only once the trainer is past ``start_iteration``.
+
+    With an adversarial warm-up, the generator of the warm-up is a plain UNet: validating (and saving the best
+    model) only afterwards makes sure ``model.pt`` comes from the adversarial phase of the method being trained.
+
+    Args:
+        validator: the evaluator (e.g. MONAI ``SupervisedEvaluator``).
+        interval: validate every ``interval`` epochs (counted from epoch 0, as MONAI's ``ValidationHandler``).
+        start_iteration: no validation while ``engine.state.iteration <= start_iteration``.
+    """
+
+    def __init__(self, validator: Engine, interval: int = 1, start_iteration: int = 0) -> None:
+        if interval < 1:
+            raise ValueError(f"interval must be >= 1, got {interval!r}.")
+        self.validator, self.interval, self.start_iteration = validator, int(interval), int(start_iteration)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if engine.state.epoch % self.interval == 0 and engine.state.iteration > self.start_iteration:
+            self.validator.run(engine.state.epoch)

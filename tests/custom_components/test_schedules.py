@@ -41,3 +41,15 @@ def test_bad_options_are_named():
         IterationLrSchedule([opt], "cosine", min_factor=2)
     with pytest.raises(ValueError):
         IterationLrSchedule([opt], "linear")
+
+
+def test_delayed_validation_runs_only_after_the_warmup_every_interval():
+    from custom_components.schedules import DelayedValidationHandler
+
+    validated = []
+    validator = Engine(lambda e, b: None)
+    validator.run = lambda epoch: validated.append(epoch)
+    trainer = Engine(lambda e, b: None)
+    DelayedValidationHandler(validator, interval=2, start_iteration=9).attach(trainer)
+    trainer.run(range(3), max_epochs=8)  # 3 iterations per epoch; epoch 3 ends at iteration 9
+    assert validated == [4, 6, 8]
