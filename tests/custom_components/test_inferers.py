@@ -112,6 +112,7 @@ def test_bundle_configs_select_the_inferer(config: str) -> None:
     assert type(parser.get_parsed_content(key, lazy=False)) is SliceInferer
     parser["slice_mode"] = "whole"
     parser["network_def"]["strides"] = [2, 2, 2, 2]
+    parser["generator_channels"] = [4, 8, 16, 32, 64]
     assert parser.get_parsed_content(key, lazy=False).divisor == 16
     parser["spatial_dims"] = 3
     assert type(parser.get_parsed_content(key, lazy=False)).__name__ == "SlidingWindowInferer"  # the 3D default
