@@ -246,7 +246,13 @@ def _time_to_quality(overrides: dict[str, Any], psnr: float, max_epochs: int) ->
     """Training wall time (validation excluded) of unet and dual_attention until validation PSNR >= ``psnr``."""
     from ignite.engine import Events
 
+    from custom_components.data import as_flag
+    from custom_components.phantom import ensure_phantom
+
     out: dict[str, Any] = {"target_psnr": psnr, "max_epochs": max_epochs}
+    p = _parser(overrides)
+    if as_flag(p.get_parsed_content("make_phantom"), "make_phantom"):
+        ensure_phantom(p.get_parsed_content("dataset_dir"), **p.get_parsed_content("phantom"))
     for variant in ("unet", "dual_attention"):
         with tempfile.TemporaryDirectory() as tmp:
             p = _parser({**overrides, "variant": variant, "epochs": max_epochs, "val_interval": 1,
@@ -298,7 +304,7 @@ def _fmt_table(rows: list[dict[str, Any]]) -> str:
 
 def main(steps: int = 6, warmup: int = 2, variants: list | tuple = VARIANTS, overrides: dict | None = None,
          dataset_dir: str | None = None, output: str = "benchmark.json", real_size: bool = False,
-         widths: list | tuple | str = ("shipped", "usual"), three_d: bool = True, levers: bool = False,
+         widths: list | tuple | str = ("shipped", "usual"), three_d: bool = True, levers: bool | list | tuple = False,
          memory: bool = True, ram_budget_gb: float = 8.0, data_epochs: int = 3, inference_repeats: int = 2,
          data_workers: list | tuple | int = (1,), ttq_psnr: float | None = None, ttq_max_epochs: int = 30,
          ttq_dataset_dir: str | None = None,
@@ -316,7 +322,8 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple = VARIANTS, ove
             generated in ``data/phantom_t1t2_brats_size`` unless ``dataset_dir`` is given.
         widths: generator widths to time, from ``shipped`` (the config's) and ``usual`` (32-64-128-256-512).
         three_d: add ``unet``/``dual_attention`` rows with 3D patches (``bundle/configs/3d.json``).
-        levers: time each speed lever of the GAN step alone (``dual_attention`` at each width) against the baseline.
+        levers: time each speed lever of the GAN step alone (``dual_attention`` at each width) against the baseline;
+            ``True`` for all of :data:`LEVERS` or a list of their names.
         memory: measure peak memory per row in a subprocess each (slow: one interpreter per row).
         ram_budget_gb: memory budget for the largest batch that fits.
         data_epochs: epochs of the real data pipeline for the data-wait share.
@@ -336,6 +343,8 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple = VARIANTS, ove
     from custom_components.phantom import ensure_phantom
 
     widths = [widths] if isinstance(widths, str) else list(widths)
+    if isinstance(levers, str):
+        levers = [levers]
     unknown = [w for w in widths if w not in WIDTHS]
     if unknown:
         raise ValueError(f"widths must be among {sorted(WIDTHS)}, got {unknown!r}.")
@@ -381,7 +390,9 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple = VARIANTS, ove
         if levers and name in WIDTHS and "dual_attention" in names:
             ref_unet, ref_gan = set_rows[0]["step_s"], set_rows[-1]["step_s"]
             table = results.setdefault("levers", [])
-            for lever in LEVERS:
+            for lever in (LEVERS if levers is True else levers):
+                if lever not in LEVERS:
+                    raise ValueError(f"levers must be among {list(LEVERS)}, got {lever!r}.")
                 try:
                     gan = _timed_row(ov, "dual_attention", batches, warmup, lever)
                     unet = _timed_row(ov, "unet", batches, warmup, lever) if lever in SPEED_ONLY else ref_unet
