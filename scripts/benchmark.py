@@ -366,7 +366,18 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple = VARIANTS, ove
         three = json.loads((ROOT / "bundle" / "configs" / "3d.json").read_text())
         row_sets.append(("3d", {**base, **three}, [v for v in ("unet", "dual_attention") if v in variants]))
 
-    # 1. training step per variant: one real batch of each row set, the same for every variant of the set
+    # 1. data wait (real pipeline, default loader settings)
+    results["data_wait"] = _data_wait(base, data_epochs)
+    extra = [data_workers] if isinstance(data_workers, int) else list(data_workers)
+    results["data_wait_other_workers"] = [_data_wait({**base, "num_workers": int(w)}, data_epochs) for w in extra
+                                          if int(w) != results["data_wait"]["num_workers"]]
+    Path(output).write_text(json.dumps(results, indent=2, default=str))  # partial results after each stage
+    print(f"[benchmark] stage done: {sorted(results)}", file=sys.stderr, flush=True)
+    # 2. whole-volume inference
+    results["inference"] = _inference(base, inference_repeats)
+    Path(output).write_text(json.dumps(results, indent=2, default=str))  # partial results after each stage
+    print(f"[benchmark] stage done: {sorted(results)}", file=sys.stderr, flush=True)
+    # 3. training step per variant: one real batch of each row set, the same for every variant of the set
     for name, ov, names in row_sets:
         p = _parser(ov)
         batch = next(iter(p.get_parsed_content("train#dataloader")))
@@ -385,8 +396,9 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple = VARIANTS, ove
         for r in set_rows:
             r["ratio_to_unet"] = r["step_s"] / set_rows[0]["step_s"]
         results["rows"] += set_rows
-
-        # 2. levers of the GAN step, one at a time, against this run's baseline
+        print(_fmt_table(set_rows), file=sys.stderr, flush=True)
+        Path(output).write_text(json.dumps(results, indent=2, default=str))
+        # 4. levers of the GAN step, one at a time, against this run's baseline
         if levers and name in WIDTHS and "dual_attention" in names:
             ref_unet, ref_gan = set_rows[0]["step_s"], set_rows[-1]["step_s"]
             table = results.setdefault("levers", [])
@@ -402,13 +414,8 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple = VARIANTS, ove
                 except Exception as err:  # a lever unsupported here (e.g. no C++ compiler for torch.compile)
                     table.append({"rows": name, "lever": lever, "error": f"{type(err).__name__}: {err}"[:300]})
 
-    # 3. data wait (real pipeline, default loader settings)
-    results["data_wait"] = _data_wait(base, data_epochs)
-    extra = [data_workers] if isinstance(data_workers, int) else list(data_workers)
-    results["data_wait_other_workers"] = [_data_wait({**base, "num_workers": int(w)}, data_epochs) for w in extra
-                                          if int(w) != results["data_wait"]["num_workers"]]
-    # 4. whole-volume inference
-    results["inference"] = _inference(base, inference_repeats)
+    Path(output).write_text(json.dumps(results, indent=2, default=str))  # partial results after each stage
+    print(f"[benchmark] stage done: {sorted(results)}", file=sys.stderr, flush=True)
     # 5. time to quality (optional: it trains)
     if ttq_psnr is not None:
         ttq = {k: v for k, v in (overrides or {}).items()}
