@@ -20,7 +20,10 @@ intensities, bias field and noise. The tumour's T2 appearance carries its own
 texture and is deliberately not a pointwise function of the T1 intensity.
 
 Everything is numpy + ``scipy.ndimage``; a subject of the default size
-(96 x 96 x 48) takes a fraction of a second. The same seed gives identical
+(96 x 96 x 48 voxels of 2 x 2 x 3 mm) takes a fraction of a second, one of
+BraTS size (``shape=(240, 240, 155)``, ``spacing=(1, 1, 1)``) about ten seconds.
+The anatomy is defined in millimetres, so the size and the voxel spacing only
+change the sampling grid, not the head. The same seed gives identical
 arrays: subject ``i`` draws from ``np.random.default_rng([seed, i])``.
 
 Example::

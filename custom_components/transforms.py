@@ -1,4 +1,4 @@
-"""Invertible intensity normalisation per modality.
+"""Invertible intensity normalisation per modality, and weighted patch sampling with a per-volume cached table.
 
 MRI has no absolute scale, so it is mapped to [b_min, b_max] by percentiles computed inside the foreground;
 CT is mapped by a fixed Hounsfield window. The parameters used are recorded in the image's MONAI
@@ -8,15 +8,18 @@ prediction back to the original scale.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
+from copy import deepcopy
+from typing import Any
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import InvertibleTransform, MapTransform
-from monai.utils import TraceKeys
+from monai.transforms import InvertibleTransform, MapTransform, RandWeightedCropd
+from monai.utils import TraceKeys, fall_back_tuple
 
-__all__ = ["InvertibleIntensityWindowd", "SamplingWeightd"]
+__all__ = ["InvertibleIntensityWindowd", "SamplingWeightd", "SamplingTabled", "RandTableWeightedCropd"]
 
 
 class InvertibleIntensityWindowd(MapTransform, InvertibleTransform):
@@ -121,3 +124,122 @@ class SamplingWeightd(MapTransform):
             weight = weight + self.tumour_weight * (torch.as_tensor(label) > 0).float()
         d[self.output_key] = weight
         return d
+
+
+def _valid_region(weight_shape: Sequence[int], spatial_size: Sequence[int]) -> tuple[tuple[slice, ...], np.ndarray]:
+    """Slices of the patch centres that keep a ``spatial_size`` patch inside the image, and their offset.
+
+    The same 'valid' region as MONAI's ``weighted_patch_samples``.
+    """
+    img = np.asarray(weight_shape, dtype=int)
+    win = np.asarray(fall_back_tuple(spatial_size, img), dtype=int)
+    region = tuple(slice(w // 2, m - w + w // 2) if m > w else slice(m // 2, m // 2 + 1) for w, m in zip(win, img))
+    return region, np.minimum(win, img) // 2
+
+
+class SamplingTabled(MapTransform):
+    """Cumulative sampling table of a weight map, computed once per volume (deterministic, so ``CacheDataset``
+    caches it).
+
+    MONAI's ``RandWeightedCropd`` computes the cumulative sum of the whole weight map on every draw; on a BraTS-size
+    volume (9 million voxels) that, and copying the map, is most of the loader's work. This transform stores the
+    flat indices of the voxels with a positive weight inside the valid centre region and the cumulative sum of their
+    weights, so :class:`RandTableWeightedCropd` draws centres by a binary search only.
+
+    Args:
+        w_key: the weight map (channel-first, one channel), e.g. from :class:`SamplingWeightd`.
+        spatial_size: patch size of the crop that will use the table (the valid centre region depends on it).
+        table_key: key of the table.
+    """
+
+    def __init__(self, w_key: str = "sampling_weight", spatial_size: Sequence[int] | int = 96,
+                 table_key: str = "sampling_table") -> None:
+        super().__init__([w_key], allow_missing_keys=False)
+        self.w_key, self.table_key = w_key, table_key
+        self.spatial_size = spatial_size
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        weight = torch.as_tensor(d[self.w_key])
+        if weight.ndim < 2 or weight.shape[0] != 1:
+            raise ValueError(f"{self.w_key!r} must be a channel-first map with one channel, got shape "
+                             f"{tuple(weight.shape)}.")
+        region, offset = _valid_region(weight.shape[1:], _ensure_size(self.spatial_size, weight.ndim - 1))
+        valid = weight[0][region].reshape(-1).double()
+        if (valid < 0).any():
+            raise ValueError(f"{self.w_key!r} has negative weights (min {float(valid.min())}); weights must be >= 0.")
+        index = torch.nonzero(valid > 0).reshape(-1)
+        d[self.table_key] = {
+            "index": index, "cdf": torch.cumsum(valid[index], 0), "n_valid": int(valid.numel()),
+            "valid_shape": tuple(int(s) for s in weight[0][region].shape), "offset": offset,
+            "spatial_size": self.spatial_size, "source": (weight.data_ptr(), tuple(weight.shape)),
+        }
+        return d
+
+
+def _ensure_size(spatial_size: Sequence[int] | int, ndim: int) -> tuple[int, ...]:
+    """``spatial_size`` as a tuple of ``ndim`` entries (an int is repeated)."""
+    if isinstance(spatial_size, int):
+        return (spatial_size,) * ndim
+    return tuple(int(s) for s in spatial_size)
+
+
+class RandTableWeightedCropd(RandWeightedCropd):
+    """``RandWeightedCropd`` drawing its centres from the cached table of :class:`SamplingTabled`.
+
+    For the same random state it draws exactly the centres ``RandWeightedCropd`` would (the table is the cumulative
+    weight sum without its zero-weight entries), without touching the whole weight map. If the table is missing or
+    was not made from the weight map in the data (e.g. ``ErrorWeightedSampling`` replaced the map, or the cache was
+    deep-copied), it falls back to ``RandWeightedCropd``'s own draw, so the sampling is always the weight map's.
+
+    The weight map and the table are not passed on to the patches (they are whole-volume data that no later step
+    uses), which saves copying them once per patch.
+
+    Args:
+        keys: images to crop.
+        w_key: weight map key.
+        spatial_size: patch size.
+        num_samples: patches per volume.
+        table_key: key of the :class:`SamplingTabled` table.
+        allow_missing_keys: skip absent keys.
+    """
+
+    def __init__(self, keys: KeysCollection, w_key: str, spatial_size: Sequence[int] | int, num_samples: int = 1,
+                 table_key: str = "sampling_table", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, w_key, spatial_size, num_samples, allow_missing_keys)
+        self.table_key = table_key
+
+    def _table_fits(self, weight: torch.Tensor, table: Any) -> bool:
+        return (isinstance(table, dict) and table.get("spatial_size") is not None
+                and _ensure_size(table["spatial_size"], weight.ndim - 1) == _ensure_size(self.cropper.spatial_size,
+                                                                                        weight.ndim - 1)
+                and table.get("source") == (torch.as_tensor(weight).data_ptr(), tuple(weight.shape)))
+
+    def randomize(self, weight_map: torch.Tensor, table: dict | None = None) -> None:  # type: ignore[override]
+        if table is None or not self._table_fits(weight_map, table):
+            super().randomize(weight_map)
+            return
+        r_state, n = self.cropper.R, self.cropper.num_samples
+        cdf = table["cdf"]
+        if cdf.numel() == 0 or not float(cdf[-1]) > 0:  # no positive weight: uniform, as MONAI does
+            flat = r_state.randint(0, table["n_valid"], size=n)
+        else:
+            r = torch.as_tensor(r_state.random(n), dtype=cdf.dtype)
+            flat = table["index"][torch.searchsorted(cdf, r * cdf[-1], right=True).clamp(max=cdf.numel() - 1)].numpy()
+        self.cropper.centers = [np.asarray(np.unravel_index(int(i), table["valid_shape"])) + table["offset"]
+                                for i in flat]
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor], lazy: bool | None = None) -> list[dict]:
+        d = dict(data)
+        weight, table = d.pop(self.w_key), d.pop(self.table_key, None)
+        self.randomize(weight, table)
+        n = self.cropper.num_samples
+        ret: list[dict] = [dict(d) for _ in range(n)]
+        for i in range(n):
+            for key in set(d).difference(self.keys):
+                ret[i][key] = deepcopy(d[key])
+        lazy_ = self.lazy if lazy is None else lazy
+        for key in self.key_iterator(d):
+            for i, im in enumerate(self.cropper(d[key], randomize=False, lazy=lazy_)):
+                ret[i][key] = im
+        return ret

@@ -1,56 +1,91 @@
 """Side-by-side speed measurements of the training bundle on this machine (ratios, not absolute targets).
 
-Measured in one process, on the same batch and the same generator:
+Every timed trainer is ``train#trainer`` of the shipped ``bundle/configs/train.json`` with the variant (and the
+row's options) overridden, so the lambdas, ``p``, the attention options and the critic are what ships. Measured in
+one process:
 
-* training-step time of each variant relative to ``unet`` (plain L1 on the same generator), and throughput;
-* the share of step time spent waiting for data, with the bundle's real cached data pipeline (ignite
-  ``BasicTimeProfiler``: dataflow vs processing);
-* whole-volume inference time (the bundle's ``SliceInferer``/``SlidingWindowInferer``) relative to the bare
-  network forward over the same slices/patches in batches of the same size;
-* peak memory (CUDA: peak allocated; CPU: peak resident set size of the process so far).
+* training-step time of each variant relative to ``unet`` on the same batch, for the shipped generator, the usual
+  UNet width (32-64-128-256-512) and 3D patches (``bundle/configs/3d.json``);
+* the share of step time spent waiting for data with the real cached pipeline and the default loader settings
+  (ignite ``BasicTimeProfiler``: dataflow vs processing);
+* whole-volume inference with the bundle's inferer (``validate#inferer``) relative to the bare network forward of the
+  same whole slices (padded the same way) in batches of the same size, the overlapping-window inferer for
+  comparison, and the cost of the confidence map (``ConfidenceMapd``) relative to the synthesis;
+* optional speed levers of the GAN step (``--levers``), each alone, against the same-run baseline;
+* peak memory of each row (``--memory``): each row runs in its own subprocess, which trains a few steps at batch B
+  and then 2B; the peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, CPU) or the peak CUDA
+  allocation after each gives the memory per patch and the fixed part, hence the largest batch within
+  ``--ram_budget_gb``;
+* optional "time to quality" (``--ttq_psnr``): training wall time (validation excluded) until ``unet`` and
+  ``dual_attention`` reach a validation PSNR on the phantom.
 
 Example::
 
-    python scripts/benchmark.py --steps 10 --output benchmark.json
+    python scripts/benchmark.py --real_size --levers --output benchmark_real.json
     python scripts/benchmark.py --steps 10 --overrides "{'gp_interval': 4}"
+    python scripts/benchmark.py --widths shipped --no-three_d --no-memory --ttq_psnr 18
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("unet", "global", "local", "dual", "dual_attention")
+#: generator widths of the rows: the shipped CPU-sized UNet and the usual UNet width
+WIDTHS: dict[str, dict[str, Any]] = {
+    "shipped": {},
+    "usual": {"generator_channels": [32, 64, 128, 256, 512], "network_def#strides": [2, 2, 2, 2]},
+}
+#: the BraTS-size phantom of ``--real_size`` (240 x 240 x 155 voxels of 1 mm; a few subjects)
+REAL_SIZE_PHANTOM: dict[str, Any] = {"task": "t1t2", "n_train": 4, "n_val": 1, "n_test": 0, "seed": 0,
+                                     "shape": [240, 240, 155], "spacing": [1.0, 1.0, 1.0]}
+#: speed levers of ``--levers``: overrides of train.json, or a name handled in :func:`_apply_lever`
+LEVERS: dict[str, dict[str, Any]] = {
+    "gp_interval=4": {"gp_interval": 4},
+    "strided critic": {"global_critic#downsample": "stride"},
+    "bf16 autocast": {"precision": "bf16"},
+    "channels_last": {},
+    "torch.compile (G, D2)": {},
+    "1 thread": {},
+}
+#: levers that change no result (applied to the unet reference too)
+SPEED_ONLY = ("channels_last", "torch.compile (G, D2)", "1 thread", "bf16 autocast")
 
 
-def _peak_mb(device) -> float:
-    import resource
-
-    import torch
-
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _parser(overrides: dict):
+def _parser(overrides: dict[str, Any]):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(ROOT / "bundle" / "configs" / "train.json"))
-    parser.update({"bundle_root": str(ROOT / "bundle"), **overrides})
+    parser.update({"bundle_root": str(ROOT / "bundle")})
+    parser.update(overrides)
     return parser
 
 
-def _time_steps(trainer, steps: int, warmup: int) -> float:
-    """Mean seconds per iteration of ``trainer`` over ``steps`` iterations after ``warmup`` ones."""
+def _config_trainer(overrides: dict[str, Any], variant: str, batches: list, **trainer_overrides: Any):
+    """``train#trainer`` of the shipped config with ``variant``, no handlers, iterating over ``batches``."""
+    p = _parser({**overrides, "variant": variant, "epochs": 1, "train#trainer#train_data_loader": "$[]",
+                 "train#trainer#train_handlers": [], "train#trainer#epoch_length": len(batches),
+                 **{f"train#trainer#{k}": v for k, v in trainer_overrides.items()}})
+    trainer = p.get_parsed_content("train#trainer")
+    trainer.data_loader = batches
+    return trainer
+
+
+def _time_steps(trainer, warmup: int) -> float:
+    """Mean seconds per iteration of one ``trainer.run()``, leaving out the first ``warmup`` iterations."""
     import torch
     from ignite.engine import Events
 
-    stamps = []
+    stamps: list[float] = []
     handle = trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: stamps.append(time.perf_counter()))
     start = time.perf_counter()
     trainer.run()
@@ -62,116 +97,365 @@ def _time_steps(trainer, steps: int, warmup: int) -> float:
     return sum(per_step) / len(per_step)
 
 
-def main(steps: int = 10, warmup: int = 2, variants: list | tuple = VARIANTS, overrides: dict | None = None,
-         dataset_dir: str | None = None, output: str = "benchmark.json", data_epochs: int = 2) -> str:
-    """Run the measurements, print a table and write ``output`` (JSON).
-
-    Args:
-        steps: timed iterations per variant.
-        warmup: iterations excluded from the timing.
-        variants: variants to time (``unet`` is always included, as the reference).
-        overrides: train.json overrides (e.g. ``{"gp_interval": 4, "patch_size": [96, 96]}``).
-        dataset_dir: phantom folder (default: the bundle's ``data/phantom_t1t2``, generated if absent).
-        output: JSON file for the results.
-        data_epochs: epochs of the real data pipeline used for the data-wait measurement.
-    """
+def _synthetic_batch(overrides: dict[str, Any], batch: int) -> dict:
+    """A batch shaped like the config's training batch (``batch`` patches), random values."""
     import torch
+
+    p = _parser(overrides)
+    shape = (batch, 1, *[int(s) for s in p["patch_size"]])
+    return {"source": torch.rand(shape), "target": torch.rand(shape)}
+
+
+def _channels_last(batches: list) -> list:
+    import torch
+
+    fmt = torch.channels_last if batches[0]["source"].ndim == 4 else torch.channels_last_3d
+    return [{k: torch.as_tensor(v).contiguous(memory_format=fmt) for k, v in b.items()} for b in batches]
+
+
+def _apply_lever(trainer, lever: str) -> None:
+    """Apply a lever that is not a config override to a built trainer (networks in place)."""
+    import torch
+
+    if lever == "channels_last":
+        nets = [trainer.g_network, trainer.global_critic, trainer.local_discriminator]
+        fmt = torch.channels_last if trainer.data_loader[0]["source"].ndim == 4 else torch.channels_last_3d
+        for net in nets:
+            if net is not None:
+                net.to(memory_format=fmt)
+        trainer.data_loader = _channels_last(trainer.data_loader)
+    elif lever == "torch.compile (G, D2)":  # the critic needs a double backward, which compiled graphs do not support
+        # dynamo does not trace MONAI's MetaTensor: the compiled networks get plain tensors
+        trainer.data_loader = [{k: torch.as_tensor(v).as_subclass(torch.Tensor) for k, v in b.items()}
+                               for b in trainer.data_loader]
+        trainer.g_network = torch.compile(trainer.g_network)
+        if trainer.local_discriminator is not None:
+            trainer.local_discriminator = torch.compile(trainer.local_discriminator)
+
+
+def _timed_row(overrides: dict[str, Any], variant: str, batches: list, warmup: int, lever: str | None = None) -> float:
+    import torch
+
+    torch.manual_seed(0)
+    trainer = _config_trainer({**overrides, **(LEVERS.get(lever, {}) if lever else {})}, variant, batches)
+    if lever:
+        _apply_lever(trainer, lever)
+    threads = torch.get_num_threads()
+    if lever == "1 thread":
+        torch.set_num_threads(1)
+    try:
+        return _time_steps(trainer, warmup)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _peak_mb() -> float:
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _memory_probe(spec: str | dict) -> None:
+    """Subprocess entry: peak memory after a few steps at batch B, then 2B; prints one JSON line."""
+    args = spec if isinstance(spec, dict) else json.loads(spec)  # fire parses the JSON text itself
+    out = {}
+    for batch in (args["batch"], 2 * args["batch"]):
+        batches = [_synthetic_batch(args["overrides"], batch)] * 3
+        _time_steps(_config_trainer(args["overrides"], args["variant"], batches), 0)
+        out[str(batch)] = _peak_mb()
+    print("MEMORY " + json.dumps(out))
+
+
+def _memory_row(overrides: dict[str, Any], variant: str, batch: int, budget_mb: float) -> dict[str, float]:
+    spec = json.dumps({"overrides": overrides, "variant": variant, "batch": batch})
+    proc = subprocess.run([sys.executable, __file__, "--probe", spec], capture_output=True, text=True, cwd=ROOT,
+                          timeout=1800)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"memory probe of {variant} {overrides} failed:\n{proc.stderr[-3000:]}")
+    peaks = json.loads(lines[-1][len("MEMORY "):])
+    m1, m2 = peaks[str(batch)], peaks[str(2 * batch)]
+    per_patch = max(m2 - m1, 0.0) / batch
+    fixed = m1 - per_patch * batch
+    largest = int((budget_mb - fixed) // per_patch) if per_patch > 0 else None
+    return {"peak_mb": m1, "peak_mb_2x": m2, "mb_per_patch": per_patch, "fixed_mb": fixed, "largest_batch": largest}
+
+
+def _inference(overrides: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """Whole-volume inference vs the bare forward of the same padded whole slices, window inferer, confidence map."""
+    import torch
+    import torch.nn.functional as F
+
+    from custom_components.inference import ConfidenceMapd
+
+    p = _parser({**overrides, "variant": "dual_attention"})
+    g = p.get_parsed_content("network").eval()
+    d2 = p.get_parsed_content("local_discriminator").eval()
+    volume = p.get_parsed_content("validate#dataset")[0]["source"][None].to(p.get_parsed_content("device"))
+    inferer = p.get_parsed_content("validate#inferer")
+    res: dict[str, Any] = {"volume_shape": list(volume.shape[2:]), "inferer": type(inferer).__name__,
+                           "sw_batch_size": int(p["val_sw_batch_size"])}
+
+    def timed(fn) -> float:
+        fn()  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t0) / repeats
+
+    with torch.no_grad():
+        res["inferer_s"] = timed(lambda: inferer(volume, g))
+        if int(p["spatial_dims"]) != 2:
+            return res
+        sw, k = res["sw_batch_size"], int(getattr(inferer, "divisor", 1))
+        slices = volume[0].as_tensor().permute(3, 0, 1, 2).contiguous()  # (D, 1, H, W)
+        h, w = slices.shape[-2:]
+        slices = F.pad(slices, (0, -w % k, 0, -h % k))
+        res["bare_forward_s"] = timed(lambda: [g(slices[i:i + sw]) for i in range(0, slices.shape[0], sw)])
+        res["overhead_ratio"] = res["inferer_s"] / res["bare_forward_s"]
+        res["slices_per_s"] = slices.shape[0] / res["inferer_s"]
+        window = _parser({**overrides, "slice_mode": "window"}).get_parsed_content("validate#inferer")
+        res["window_inferer_s"] = timed(lambda: window(volume, g))
+        pred = inferer(volume, g)[0]
+        conf = ConfidenceMapd("pred", d2, inferer)
+        res["confidence_s"] = timed(lambda: conf({"pred": pred}))
+        res["confidence_ratio"] = res["confidence_s"] / res["inferer_s"]
+    return res
+
+
+def _data_wait(overrides: dict[str, Any], epochs: int) -> dict[str, float]:
+    """Share of step time waiting for data: real cached pipeline, default loader, ``dual_attention``."""
     from ignite.handlers import BasicTimeProfiler
 
-    import custom_components as cc
-    from custom_components.data import as_flag
-    from custom_components.phantom import ensure_phantom
-
-    overrides = dict(overrides or {})
-    if dataset_dir:
-        overrides["dataset_dir"] = dataset_dir
-    parser = _parser(overrides)
-    if as_flag(parser.get_parsed_content("make_phantom"), "make_phantom"):
-        ensure_phantom(parser.get_parsed_content("dataset_dir"), **parser.get_parsed_content("phantom"))
-    device = parser.get_parsed_content("device")
-    prepare = parser.get_parsed_content("prepare_batch")
-    loader = parser.get_parsed_content("train#dataloader")
-    batch = next(iter(loader))
-    source, target = prepare(batch, device)
-    fixed = [{"image": source, "label": target}] * (steps + warmup)
-    n_slices = int(source.shape[0])
-    results: dict = {"device": str(device), "torch_threads": torch.get_num_threads(), "batch_shape": list(source.shape),
-                     "config_overrides": overrides, "steps": steps, "variants": {}}
-
-    # 1. training-step time per variant, same batch, same generator architecture
-    variants = ["unet"] + [v for v in variants if v != "unet"]
-    for variant in variants:
-        p = _parser({**overrides, "variant": variant})
-        torch.manual_seed(0)
-        g = p.get_parsed_content("network")
-        d1, d2 = p.get_parsed_content("global_critic"), p.get_parsed_content("local_discriminator")
-        opt_d = p.get_parsed_content("optimizer_d")
-        trainer = cc.DualAttentionTrainer(
-            device, 1, fixed, g, p.get_parsed_content("optimizer_g"), variant, d1, opt_d, d2, opt_d,
-            beta=p["beta"], lambda_gp=p["lambda_gp"], n_critic=p["n_critic"], gp_interval=p["gp_interval"],
-            precision=p["precision"],
-        )
-        step = _time_steps(trainer, steps, warmup)
-        results["variants"][variant] = {"step_s": step, "slices_per_s": n_slices / step, "peak_mb": _peak_mb(device)}
-    ref = results["variants"]["unet"]["step_s"]
-    for v in results["variants"].values():
-        v["ratio_to_unet"] = v["step_s"] / ref
-
-    # 2. data wait with the real cached pipeline, full method
-    p = _parser({**overrides, "variant": "dual_attention", "epochs": data_epochs})
-    g = p.get_parsed_content("network")
-    opt_d = p.get_parsed_content("optimizer_d")
-    trainer = cc.DualAttentionTrainer(device, data_epochs, p.get_parsed_content("train#dataloader"), g,
-                                      p.get_parsed_content("optimizer_g"), "dual_attention",
-                                      p.get_parsed_content("global_critic"), opt_d,
-                                      p.get_parsed_content("local_discriminator"), opt_d,
-                                      prepare_batch=p.get_parsed_content("prepare_batch"))
+    p = _parser({**overrides, "variant": "dual_attention", "epochs": epochs, "train#trainer#train_handlers": []})
+    trainer = p.get_parsed_content("train#trainer")
     profiler = BasicTimeProfiler()
     profiler.attach(trainer)
     trainer.run()
     prof = profiler.get_results()
     data_s, proc_s = float(prof["dataflow_stats"]["total"]), float(prof["processing_stats"]["total"])
-    results["data_wait_share"] = data_s / (data_s + proc_s)
+    return {"data_wait_share": data_s / (data_s + proc_s), "data_s": data_s, "processing_s": proc_s,
+            "iterations": trainer.state.iteration, "num_workers": int(p["num_workers"])}
 
-    # 3. whole-volume inference vs bare forward over the same slices
+
+def _time_to_quality(overrides: dict[str, Any], psnr: float, max_epochs: int) -> dict[str, Any]:
+    """Training wall time (validation excluded) of unet and dual_attention until validation PSNR >= ``psnr``."""
+    from ignite.engine import Events
+
+    from custom_components.data import as_flag
+    from custom_components.phantom import ensure_phantom
+
+    out: dict[str, Any] = {"target_psnr": psnr, "max_epochs": max_epochs}
     p = _parser(overrides)
-    g = p.get_parsed_content("network").eval()
-    inferer = p.get_parsed_content("validate#inferer")
-    volume = p.get_parsed_content("validate#dataset")[0]["source"][None].to(device)
-    sw = int(p["val_sw_batch_size"])
-    with torch.no_grad():
-        inferer(volume, g)  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(3):
-            inferer(volume, g)
-        t_infer = (time.perf_counter() - t0) / 3
-        if int(p["spatial_dims"]) == 2:
-            ps = list(p["patch_size"])
-            slices = volume[0].permute(3, 0, 1, 2)  # (D, 1, H, W)
-            pad = [0, max(0, ps[1] - slices.shape[-1]), 0, max(0, ps[0] - slices.shape[-2])]
-            slices = torch.nn.functional.pad(slices, pad)[..., : ps[0], : ps[1]] \
-                if slices.shape[-2:] != tuple(ps) else slices
-            t0 = time.perf_counter()
-            for _ in range(3):
-                for i in range(0, slices.shape[0], sw):
-                    g(slices[i:i + sw])
-            t_bare = (time.perf_counter() - t0) / 3
-            results["inference"] = {"volume_shape": list(volume.shape[2:]), "inferer_s": t_infer, "bare_forward_s": t_bare,
-                                    "overhead_ratio": t_infer / t_bare,
-                                    "slices_per_s": slices.shape[0] / t_infer}
-        else:
-            results["inference"] = {"volume_shape": list(volume.shape[2:]), "inferer_s": t_infer}
+    if as_flag(p.get_parsed_content("make_phantom"), "make_phantom"):
+        ensure_phantom(p.get_parsed_content("dataset_dir"), **p.get_parsed_content("phantom"))
+    for variant in ("unet", "dual_attention"):
+        with tempfile.TemporaryDirectory() as tmp:
+            p = _parser({**overrides, "variant": variant, "epochs": max_epochs, "val_interval": 1,
+                         "output_dir": tmp, "model_dir": tmp,
+                         "train#trainer#train_handlers": "$[@train#handlers[0]]"})  # the validation handler only
+            trainer, evaluator = p.get_parsed_content("train#trainer"), p.get_parsed_content("validate#evaluator")
+            clock = {"start": 0.0, "val": 0.0, "val_start": 0.0}
+            row: dict[str, Any] = {"reached": False, "best_psnr": float("-inf")}
 
-    lines = [f"{'variant':<16}{'step (s)':>10}{'x unet':>8}{'slices/s':>10}{'peak MB':>9}"]
-    for name, v in results["variants"].items():
-        lines.append(f"{name:<16}{v['step_s']:>10.3f}{v['ratio_to_unet']:>8.2f}{v['slices_per_s']:>10.1f}{v['peak_mb']:>9.0f}")
-    lines.append(f"data wait share of step time (dual_attention, real pipeline): {100 * results['data_wait_share']:.1f}%")
+            @trainer.on(Events.STARTED)
+            def _start(_):
+                clock["start"] = time.perf_counter()
+
+            @evaluator.on(Events.STARTED)
+            def _val_start(_):
+                clock["val_start"] = time.perf_counter()
+
+            @evaluator.on(Events.COMPLETED)
+            def _val_done(engine):
+                now = time.perf_counter()
+                clock["val"] += now - clock["val_start"]
+                value = float(engine.state.metrics["val_psnr"])
+                row["best_psnr"] = max(row["best_psnr"], value)
+                if value >= psnr and not row["reached"]:
+                    row.update(reached=True, epoch=trainer.state.epoch, seconds=now - clock["start"] - clock["val"])
+                    trainer.terminate()
+
+            trainer.run()
+            if not row["reached"]:
+                row["seconds_run"] = time.perf_counter() - clock["start"] - clock["val"]
+            out[variant] = row
+    return out
+
+
+def _fmt_table(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'rows':<9}{'variant':<16}{'generator':<22}{'patch':<12}{'batch':>6}{'thr':>4}{'step s':>9}"
+            f"{'x unet':>8}{'patch/s':>9}{'peak MB':>9}{'MB/patch':>9}{'max batch':>10}")
+    lines = [head]
+    for r in rows:
+        m = r.get("memory") or {}
+        lines.append(
+            f"{r['rows']:<9}{r['variant']:<16}{'-'.join(map(str, r['generator'])):<22}"
+            f"{'x'.join(map(str, r['patch'])):<12}{r['batch']:>6}{r['threads']:>4}{r['step_s']:>9.3f}"
+            f"{r['ratio_to_unet']:>8.2f}{r['patches_per_s']:>9.1f}"
+            f"{m.get('peak_mb', float('nan')):>9.0f}{m.get('mb_per_patch', float('nan')):>9.1f}"
+            f"{str(m.get('largest_batch', '-')):>10}")
+    return "\n".join(lines)
+
+
+def main(steps: int = 6, warmup: int = 2, variants: list | tuple = VARIANTS, overrides: dict | None = None,
+         dataset_dir: str | None = None, output: str = "benchmark.json", real_size: bool = False,
+         widths: list | tuple | str = ("shipped", "usual"), three_d: bool = True, levers: bool | list | tuple = False,
+         memory: bool = True, ram_budget_gb: float = 8.0, data_epochs: int = 3, inference_repeats: int = 2,
+         data_workers: list | tuple | int = (1,), ttq_psnr: float | None = None, ttq_max_epochs: int = 30,
+         ttq_dataset_dir: str | None = None,
+         probe: str | dict | None = None) -> str | None:
+    """Run the measurements, print the tables and write ``output`` (JSON).
+
+    Args:
+        steps: timed iterations per row (after ``warmup`` more).
+        warmup: iterations left out of each timing.
+        variants: variants to time (``unet`` is always included: it is the reference).
+        overrides: train.json overrides applied to every row (e.g. ``{"gp_interval": 4}``).
+        dataset_dir: data set folder (default: the config's phantom, or the BraTS-size phantom with ``real_size``).
+        output: JSON file for the results.
+        real_size: use a BraTS-size phantom (240 x 240 x 155 voxels of 1 mm, 4 training + 1 validation subjects),
+            generated in ``data/phantom_t1t2_brats_size`` unless ``dataset_dir`` is given.
+        widths: generator widths to time, from ``shipped`` (the config's) and ``usual`` (32-64-128-256-512).
+        three_d: add ``unet``/``dual_attention`` rows with 3D patches (``bundle/configs/3d.json``).
+        levers: time each speed lever of the GAN step alone (``dual_attention`` at each width) against the baseline;
+            ``True`` for all of :data:`LEVERS` or a list of their names.
+        memory: measure peak memory per row in a subprocess each (slow: one interpreter per row).
+        ram_budget_gb: memory budget for the largest batch that fits.
+        data_epochs: epochs of the real data pipeline for the data-wait share.
+        data_workers: loader worker counts to measure the data wait with, besides the config's ``num_workers``.
+        inference_repeats: timed repeats of each whole-volume inference.
+        ttq_psnr: if given, time ``unet`` and ``dual_attention`` to this validation PSNR (dB) on the phantom.
+        ttq_max_epochs: epoch limit of each time-to-quality run.
+        ttq_dataset_dir: data of the time-to-quality runs (default: the config's phantom, 96 x 96 x 48).
+        probe: internal (memory subprocess).
+    """
+    if probe is not None:
+        _memory_probe(probe)
+        return None
+    import torch
+
+    from custom_components.data import as_flag
+    from custom_components.phantom import ensure_phantom
+
+    widths = [widths] if isinstance(widths, str) else list(widths)
+    if isinstance(levers, str):
+        levers = [levers]
+    unknown = [w for w in widths if w not in WIDTHS]
+    if unknown:
+        raise ValueError(f"widths must be among {sorted(WIDTHS)}, got {unknown!r}.")
+    base = dict(overrides or {})
+    if real_size:
+        base["phantom"] = REAL_SIZE_PHANTOM
+        base.setdefault("dataset_dir", dataset_dir or str(ROOT / "data" / "phantom_t1t2_brats_size"))
+    elif dataset_dir:
+        base["dataset_dir"] = dataset_dir
+    parser = _parser(base)
+    if as_flag(parser.get_parsed_content("make_phantom"), "make_phantom"):
+        ensure_phantom(parser.get_parsed_content("dataset_dir"), **parser.get_parsed_content("phantom"))
+
+    results: dict[str, Any] = {"device": str(parser.get_parsed_content("device")), "torch_threads": torch.get_num_threads(),
+                               "config_overrides": base, "steps": steps, "warmup": warmup, "rows": []}
+    variants = ["unet"] + [v for v in variants if v != "unet"]
+    row_sets: list[tuple[str, dict[str, Any], list[str]]] = [(w, {**base, **WIDTHS[w]}, variants) for w in widths]
+    if three_d:
+        three = json.loads((ROOT / "bundle" / "configs" / "3d.json").read_text())
+        row_sets.append(("3d", {**base, **three}, [v for v in ("unet", "dual_attention") if v in variants]))
+
+    # 1. data wait (real pipeline, default loader settings)
+    results["data_wait"] = _data_wait(base, data_epochs)
+    extra = [data_workers] if isinstance(data_workers, int) else list(data_workers)
+    results["data_wait_other_workers"] = [_data_wait({**base, "num_workers": int(w)}, data_epochs) for w in extra
+                                          if int(w) != results["data_wait"]["num_workers"]]
+    Path(output).write_text(json.dumps(results, indent=2, default=str))  # partial results after each stage
+    print(f"[benchmark] stage done: {sorted(results)}", file=sys.stderr, flush=True)
+    # 2. whole-volume inference
+    results["inference"] = _inference(base, inference_repeats)
+    Path(output).write_text(json.dumps(results, indent=2, default=str))  # partial results after each stage
+    print(f"[benchmark] stage done: {sorted(results)}", file=sys.stderr, flush=True)
+    # 3. training step per variant: one real batch of each row set, the same for every variant of the set
+    for name, ov, names in row_sets:
+        p = _parser(ov)
+        batch = next(iter(p.get_parsed_content("train#dataloader")))
+        batch = {k: batch[k] for k in ("source", "target")}
+        batches = [batch] * (steps + warmup)
+        n = int(batch["source"].shape[0])
+        generator = list(p.get_parsed_content("generator_channels"))
+        set_rows = []
+        for variant in names:
+            step = _timed_row(ov, variant, batches, warmup)
+            set_rows.append({"rows": name, "variant": variant, "generator": generator,
+                             "patch": list(batch["source"].shape[2:]), "batch": n, "threads": torch.get_num_threads(),
+                             "step_s": step, "patches_per_s": n / step, "overrides": ov})
+            if memory:
+                set_rows[-1]["memory"] = _memory_row(ov, variant, n, ram_budget_gb * 1024)
+        for r in set_rows:
+            r["ratio_to_unet"] = r["step_s"] / set_rows[0]["step_s"]
+        results["rows"] += set_rows
+        print(_fmt_table(set_rows), file=sys.stderr, flush=True)
+        Path(output).write_text(json.dumps(results, indent=2, default=str))
+        # 4. levers of the GAN step, one at a time, against this run's baseline
+        if levers and name in WIDTHS and "dual_attention" in names:
+            ref_unet, ref_gan = set_rows[0]["step_s"], set_rows[-1]["step_s"]
+            table = results.setdefault("levers", [])
+            for lever in (LEVERS if levers is True else levers):
+                if lever not in LEVERS:
+                    raise ValueError(f"levers must be among {list(LEVERS)}, got {lever!r}.")
+                try:
+                    gan = _timed_row(ov, "dual_attention", batches, warmup, lever)
+                    unet = _timed_row(ov, "unet", batches, warmup, lever) if lever in SPEED_ONLY else ref_unet
+                    table.append({"rows": name, "lever": lever, "dual_attention_s": gan, "unet_s": unet,
+                                  "speedup": ref_gan / gan, "ratio_to_unet": gan / unet,
+                                  "baseline_ratio": ref_gan / ref_unet})
+                except Exception as err:  # a lever unsupported here (e.g. no C++ compiler for torch.compile)
+                    table.append({"rows": name, "lever": lever, "error": f"{type(err).__name__}: {err}"[:300]})
+
+    Path(output).write_text(json.dumps(results, indent=2, default=str))  # partial results after each stage
+    print(f"[benchmark] stage done: {sorted(results)}", file=sys.stderr, flush=True)
+    # 5. time to quality (optional: it trains)
+    if ttq_psnr is not None:
+        ttq = {k: v for k, v in (overrides or {}).items()}
+        if ttq_dataset_dir:
+            ttq["dataset_dir"] = ttq_dataset_dir
+        results["time_to_quality"] = _time_to_quality(ttq, float(ttq_psnr), ttq_max_epochs)
+
+    lines = [f"device {results['device']}, {results['torch_threads']} threads, {steps} timed steps per row; "
+             f"batch = patches per step", _fmt_table(results["rows"])]
+    if memory:
+        lines.append(f"peak MB: peak resident set size of a subprocess training that row (CUDA: peak allocation); "
+                     f"max batch: largest batch within {ram_budget_gb:g} GB by the growth from batch B to 2B")
+    for lv in results.get("levers", []):
+        if "error" in lv:
+            lines.append(f"lever {lv['rows']:<8} {lv['lever']:<24} not measured: {lv['error']}")
+        else:
+            lines.append(f"lever {lv['rows']:<8} {lv['lever']:<24} dual_attention {lv['dual_attention_s']:.3f}s "
+                         f"({lv['speedup']:.2f}x faster), unet {lv['unet_s']:.3f}s, GAN/UNet {lv['ratio_to_unet']:.2f}x "
+                         f"(baseline {lv['baseline_ratio']:.2f}x)")
+    for dw in [results["data_wait"]] + results["data_wait_other_workers"]:
+        lines.append(f"data wait share of step time (dual_attention, real pipeline, num_workers={dw['num_workers']}, "
+                     f"{dw['iterations']} iterations): {100 * dw['data_wait_share']:.1f}%")
     inf = results["inference"]
     if "overhead_ratio" in inf:
-        lines.append(f"whole-volume inference {inf['inferer_s']:.3f}s vs bare forward {inf['bare_forward_s']:.3f}s: "
-                     f"{inf['overhead_ratio']:.2f}x ({inf['slices_per_s']:.0f} slices/s)")
+        lines.append(f"whole-volume inference {inf['volume_shape']} ({inf['inferer']}, {inf['sw_batch_size']} slices per "
+                     f"call): {inf['inferer_s']:.2f}s vs bare forward {inf['bare_forward_s']:.2f}s = "
+                     f"{inf['overhead_ratio']:.2f}x; overlapping windows {inf['window_inferer_s']:.2f}s; "
+                     f"confidence map +{100 * inf['confidence_ratio']:.0f}%")
+    else:
+        lines.append(f"whole-volume inference {inf['volume_shape']}: {inf['inferer_s']:.2f}s")
+    if "time_to_quality" in results:
+        t = results["time_to_quality"]
+        for v in ("unet", "dual_attention"):
+            r = t[v]
+            lines.append(f"time to {t['target_psnr']:g} dB validation PSNR, {v}: "
+                         + (f"{r['seconds']:.0f}s (epoch {r['epoch']})" if r["reached"]
+                            else f"not reached in {t['max_epochs']} epochs ({r['seconds_run']:.0f}s, best "
+                                 f"{r['best_psnr']:.2f} dB)"))
     print("\n".join(lines))
-    Path(output).write_text(json.dumps(results, indent=2))
+    Path(output).write_text(json.dumps(results, indent=2, default=str))
     return str(output)
 
 

@@ -10,6 +10,9 @@ Example (from the repository root)::
 
     python scripts/make_phantom.py --output_dir data/phantom_t1t2 --task t1t2 --n_train 16 --seed 0
     python scripts/make_phantom.py --output_dir data/phantom_mrct --task mrct --shape 64,64,40
+    # BraTS size (240 x 240 x 155 voxels of 1 mm), about 10-30 s of CPU per subject
+    python scripts/make_phantom.py --output_dir data/phantom_brats_size --shape 240,240,155 --spacing 1,1,1 \
+        --n_train 4 --n_val 1 --n_test 0
 """
 
 from __future__ import annotations

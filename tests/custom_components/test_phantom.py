@@ -306,3 +306,46 @@ def test_cli(tmp_path: Path) -> None:
     assert content["task"] == "mrct" and len(content["training"]) == 1 and len(content["validation"]) == 1
     assert nib.load(out / content["training"][0]["target"]).shape == (40, 40, 32)
     assert json.loads((out / "phantom.json").read_text())["shape"] == [40, 40, 32]
+
+
+def test_cli_shape_and_spacing(tmp_path: Path) -> None:
+    """``--shape``/``--spacing`` set the grid of every written file; the tumour is still there."""
+    out = tmp_path / "sized"
+    cmd = [
+        sys.executable, "scripts/make_phantom.py", "--output_dir", str(out), "--task", "t1t2", "--n_train", "1",
+        "--n_val", "0", "--n_test", "0", "--shape", "64,56,40", "--spacing", "1.5,1.5,2", "--verbose", "false",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (item,) = json.loads((out / "datalist.json").read_text())["training"]
+    for key in ("source", "target", "label", "mask"):
+        image = nib.load(out / item[key])
+        assert image.shape == (64, 56, 40)
+        assert np.allclose(image.header.get_zooms(), (1.5, 1.5, 2.0))
+        np.testing.assert_allclose(image.affine, make_affine((64, 56, 40), (1.5, 1.5, 2.0)))
+    seg = np.asarray(nib.load(out / item["label"]).dataobj)
+    assert (seg > 0).sum() > 0 and set(np.unique(seg)) <= {0, 1, 2, 4}
+    assert json.loads((out / "phantom.json").read_text())["spacing"] == [1.5, 1.5, 2.0]
+
+
+def test_defaults_unchanged(tmp_path: Path) -> None:
+    """Without ``--shape``/``--spacing`` the data set keeps its original grid, so existing data sets are reused."""
+    path = write_phantom_dataset(tmp_path / "default", n_train=1, n_val=0, n_test=0)
+    params = json.loads((Path(path).parent / "phantom.json").read_text())
+    assert params["shape"] == [96, 96, 48] and params["spacing"] == [2.0, 2.0, 3.0]
+    image = nib.load(Path(path).parent / "phantom_t1t2_000" / "t1.nii.gz")
+    assert image.shape == (96, 96, 48) and np.allclose(image.header.get_zooms(), (2.0, 2.0, 3.0))
+
+
+@pytest.mark.slow
+def test_brats_size_subject() -> None:
+    """A BraTS-size subject (240 x 240 x 155, 1 mm) has a head of realistic size and a tumour inside the brain."""
+    s = make_subject("t1t2", (240, 240, 155), (1.0, 1.0, 1.0), subject_rng(0, 0))
+    assert s["t1"].shape == s["seg"].shape == (240, 240, 155)
+    icv_ml = float(s["brainmask"].sum()) / 1000.0  # 1 mm^3 voxels
+    assert 900.0 < icv_ml < 2000.0, icv_ml  # adult intracranial volume is ~1200-1700 mL
+    tumour = s["seg"] > 0
+    assert tumour.sum() > 1000 and (s["brainmask"][tumour] > 0).mean() > 0.95
+    # the head does not touch the edges of the field of view
+    head = s["tissue"] > 0
+    assert not head[0].any() and not head[-1].any() and not head[:, 0].any() and not head[:, -1].any()

@@ -66,3 +66,90 @@ def test_sampling_weight_oversamples_tumour_inside_foreground():
     assert 400 * 20 / (256 + 16) * 0.6 < hits  # 4 tumour voxels x 5 / total weight 272, with slack
     with pytest.raises(ValueError, match="tumour_weight"):
         SamplingWeightd(tumour_weight=-1)
+
+
+# --------------------------------------------------------------------------- #
+# weighted patch sampling from a cached table
+# --------------------------------------------------------------------------- #
+def _weighted_item(shape=(20, 18, 9), seed=0):
+    from monai.data import MetaTensor
+
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(1, *shape)
+    mask[:, 3:16, 2:15, 1:8] = 1
+    label = (torch.rand(1, *shape, generator=g) > 0.9).float() * mask
+    src = MetaTensor(torch.rand(1, *shape, generator=g))
+    return {"source": src, "target": src * 2, "mask": mask, "label": label, "subject": "s0"}
+
+
+def _pipeline(sample_size, tumour_weight=3.0):
+    from custom_components.transforms import SamplingTabled, SamplingWeightd
+
+    return [SamplingWeightd(tumour_weight=tumour_weight), SamplingTabled(spatial_size=sample_size)]
+
+
+@pytest.mark.parametrize("sample_size", [(8, 8, 1), (6, 5, 4), (32, 8, 1)])
+def test_table_crop_draws_the_same_centres_as_monai(sample_size):
+    from monai.transforms import RandWeightedCropd
+
+    from custom_components.transforms import RandTableWeightedCropd
+
+    d = _weighted_item()
+    for t in _pipeline(sample_size):
+        d = t(d)
+    ours = RandTableWeightedCropd(["source", "target"], "sampling_weight", sample_size, num_samples=5)
+    theirs = RandWeightedCropd(["source", "target"], "sampling_weight", sample_size, num_samples=5)
+    ours.set_random_state(7), theirs.set_random_state(7)
+    for _ in range(20):
+        a, b = ours(d), theirs(d)
+        assert [x["source"].shape for x in a] == [x["source"].shape for x in b]
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x["source"].as_tensor(), y["source"].as_tensor())
+            assert "sampling_weight" not in x and "sampling_table" not in x and x["subject"] == "s0"
+
+
+def test_table_crop_follows_the_weights_and_a_replaced_map():
+    from custom_components.transforms import RandTableWeightedCropd
+
+    d = _weighted_item()
+    for t in _pipeline((1, 1, 1), tumour_weight=0.0):
+        d = t(d)
+    d["source"] = torch.arange(d["mask"].numel(), dtype=torch.float32).reshape(d["mask"].shape)
+    crop = RandTableWeightedCropd(["source"], "sampling_weight", (1, 1, 1), num_samples=200)
+    crop.set_random_state(0)
+    picked = torch.cat([x["source"].reshape(-1) for x in crop(d)]).long()
+    assert bool((d["mask"].reshape(-1)[picked] > 0).all())  # never outside the foreground
+    # a weight map replaced after the table was built (hard-region mining) is used, not the stale table
+    only = torch.zeros_like(d["mask"])
+    only[0, 5, 5, 5] = 1.0
+    d["sampling_weight"] = only
+    picked = {int(x["source"].reshape(-1)[0]) for x in crop(d)}
+    assert picked == {int(d["source"][0, 5, 5, 5])}
+
+
+def test_cached_items_are_not_modified_by_the_random_crops():
+    """The bundle caches with ``copy_cache=False``: the random part of the pipeline must not write into the cache."""
+    from monai.data import CacheDataset
+    from monai.transforms import Compose, RandFlipd, SpatialPadd, SqueezeDimd
+
+    from custom_components.transforms import RandTableWeightedCropd
+
+    keys = ["source", "target", "mask", "label"]
+    size = (8, 8, 1)
+    transforms = Compose(_pipeline(size) + [
+        RandTableWeightedCropd(keys, "sampling_weight", size, num_samples=4),
+        SpatialPadd(keys, size), SqueezeDimd(keys, dim=3), RandFlipd(keys, prob=1.0, spatial_axis=0)])
+    ds = CacheDataset([_weighted_item(seed=i) for i in range(2)], transforms, cache_rate=1.0, copy_cache=False,
+                      progress=False)
+    before = [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in item.items() if k != "sampling_table"}
+              for item in ds._cache]
+    ops = [len(item["source"].applied_operations) for item in ds._cache]
+    for _ in range(3):
+        for i in range(len(ds)):
+            patches = ds[i]
+            assert patches[0]["source"].shape == (1, 8, 8)
+    for item, ref, n_ops in zip(ds._cache, before, ops):
+        for k, v in ref.items():
+            if isinstance(v, torch.Tensor):
+                torch.testing.assert_close(torch.as_tensor(item[k]), torch.as_tensor(v))
+        assert len(item["source"].applied_operations) == n_ops

@@ -1,0 +1,132 @@
+"""Slice-by-slice inference of a 2D network over whole volumes.
+
+A 2D UNet is fully convolutional, so it can take a whole slice at once: :class:`WholeSliceInferer` feeds every
+slice of a volume to the network in batches of ``sw_batch_size`` slices, padding each slice to a multiple of the
+network's total stride and cropping the output back. There is no overlap work and no seam. MONAI's
+``SliceInferer`` (a ``SlidingWindowInferer`` over slices) does the slicing, batching and reassembly; this module only
+adds the padding, which MONAI's inferers do not do (they pad only up to the window size).
+
+:func:`slice_inferer` builds either this inferer or MONAI's overlapping-window ``SliceInferer`` from one config
+switch, so sliding windows stay selectable for memory-bound cases.
+
+Example::
+
+    inferer = WholeSliceInferer(sw_batch_size=16, divisor=8)
+    with torch.no_grad():
+        prediction = inferer(volume, network)  # volume: (B, C, H, W, D), prediction: same H, W, D
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.inferers import SliceInferer
+from monai.utils import StrEnum
+
+__all__ = ["SliceMode", "WholeSliceInferer", "slice_inferer", "stride_product"]
+
+
+class SliceMode(StrEnum):
+    """How a 2D network covers each slice of a volume."""
+
+    WHOLE = "whole"  # every slice in one piece (padded to the stride product)
+    WINDOW = "window"  # overlapping roi_size windows blended by MONAI's SliceInferer
+
+
+def stride_product(strides: Sequence[int | Sequence[int]]) -> int:
+    """Total down-sampling of an encoder with ``strides`` (e.g. MONAI ``UNet(strides=[2, 2, 2])`` -> 8).
+
+    A stride given per axis counts by its largest entry, so the result is a safe divisor for every axis.
+    """
+    total = 1
+    for s in strides:
+        total *= max(s) if isinstance(s, Sequence) else int(s)
+    return total
+
+
+class WholeSliceInferer(SliceInferer):
+    """Run a 2D network on each whole slice of a (B, C, H, W, D) volume, ``sw_batch_size`` slices at a time.
+
+    Each batch of slices is zero-padded at the high end of H and W to the next multiple of ``divisor`` (the
+    product of the network's strides, so every down-sampling divides evenly), run through the network and
+    cropped back, so the output has the input's spatial size. MONAI's ``SliceInferer`` with a window as large as
+    the slice does the slicing and reassembly; a ``MetaTensor`` input keeps its affine and metadata.
+
+    Args:
+        sw_batch_size: slices per network call.
+        divisor: H and W are padded to a multiple of this (>= 1).
+        spatial_dim: axis the slices are taken along (0, 1 or 2 of H, W, D); 2 gives axial slices of RAS volumes.
+        pad_value: value of the padded voxels (0 is background after the bundle's intensity normalisation).
+        kwargs: other ``SliceInferer``/``SlidingWindowInferer`` options (``device``, ``sw_device``, ``progress``...).
+    """
+
+    def __init__(self, sw_batch_size: int = 16, divisor: int = 8, spatial_dim: int = 2, pad_value: float = 0.0,
+                 **kwargs: Any) -> None:
+        if not isinstance(divisor, int) or isinstance(divisor, bool) or divisor < 1:
+            raise ValueError(f"divisor must be an integer >= 1, got {divisor!r}.")
+        if not isinstance(sw_batch_size, int) or sw_batch_size < 1:
+            raise ValueError(f"sw_batch_size must be an integer >= 1, got {sw_batch_size!r}.")
+        for name in ("roi_size", "overlap", "mode"):
+            if name in kwargs:
+                raise ValueError(f"WholeSliceInferer has no {name!r} option (the window is the whole slice), "
+                                 f"got {name}={kwargs[name]!r}; use SliceInferer for windows.")
+        # a non-positive roi entry means "the input's size" in MONAI's sliding-window inference
+        super().__init__(spatial_dim=spatial_dim, roi_size=(-1, -1), sw_batch_size=sw_batch_size, overlap=0.0,
+                         mode="constant", **kwargs)
+        self.divisor, self.pad_value = divisor, float(pad_value)
+
+    def _padded(self, network: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``network`` on ``x`` (N, C, H, W) padded to multiples of ``divisor``, cropped back to H, W."""
+        h, w = x.shape[-2:]
+        ph, pw = -h % self.divisor, -w % self.divisor
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), value=self.pad_value)
+        out = network(x, *args, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"WholeSliceInferer expects the network to return one tensor, got {type(out).__name__}.")
+        return out[..., :h, :w] if (ph or pw) else out
+
+    def network_wrapper(self, network: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any,
+                        **kwargs: Any) -> torch.Tensor:
+        return super().network_wrapper(lambda t, *a, **k: self._padded(network, t, *a, **k), x, *args, **kwargs)
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any,
+                 **kwargs: Any) -> torch.Tensor:
+        """inputs: (B, C, H, W, D). Returns the network output for every slice, shaped (B, C_out, H, W, D)."""
+        if inputs.ndim != 5:
+            raise ValueError(f"WholeSliceInferer expects a 3D volume batch (B, C, H, W, D), got shape "
+                             f"{tuple(inputs.shape)}.")
+        return super().__call__(inputs, network, *args, **kwargs)
+
+
+def slice_inferer(mode: SliceMode | str = SliceMode.WHOLE, roi_size: Sequence[int] = (96, 96), sw_batch_size: int = 16,
+                  divisor: int = 8, network_strides: Sequence | None = None, overlap: float = 0.25,
+                  blend_mode: str = "gaussian", spatial_dim: int = 2) -> SliceInferer:
+    """The 2D inferer selected by ``mode`` (meant for bundle configs).
+
+    Args:
+        mode: ``"whole"`` (:class:`WholeSliceInferer`, the default) or ``"window"`` (MONAI ``SliceInferer`` with
+            overlapping ``roi_size`` windows, for slices too large for memory).
+        roi_size: window size of ``"window"`` mode.
+        sw_batch_size: slices (whole) or windows (window) per network call.
+        divisor: padding multiple of ``"whole"`` mode; 8 suits the bundle's local discriminator, which shares the
+            inferer for the confidence map.
+        network_strides: strides of the generator (e.g. ``@network_def#strides``); the padding multiple becomes the
+            least common multiple of ``divisor`` and their product, so a deeper generator still gets even sizes.
+        overlap, blend_mode: window overlap and blending of ``"window"`` mode.
+        spatial_dim: axis the slices are taken along.
+    """
+    try:
+        mode = SliceMode(mode)
+    except ValueError:
+        raise ValueError(f"mode must be one of {[m.value for m in SliceMode]}, got {mode!r}.") from None
+    if mode == SliceMode.WHOLE:
+        if network_strides is not None:
+            divisor = math.lcm(int(divisor), stride_product(network_strides))
+        return WholeSliceInferer(sw_batch_size=sw_batch_size, divisor=divisor, spatial_dim=spatial_dim)
+    return SliceInferer(spatial_dim=spatial_dim, roi_size=list(roi_size), sw_batch_size=sw_batch_size,
+                        overlap=overlap, mode=blend_mode)
