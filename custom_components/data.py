@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["DatalistError", "read_datalist_json", "PrepareSourceTarget", "as_flag", "main_rank_only", "check_datalist", "check_run_dirs", "latest_checkpoint", "load_datalist"]
+__all__ = ["DatalistError", "read_datalist_json", "PrepareSourceTarget", "as_flag", "main_rank_only", "check_datalist", "check_run_dirs", "check_writable", "latest_checkpoint", "load_datalist"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,38 +128,70 @@ class PrepareSourceTarget:
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike, pattern: str = "checkpoint_*.pt") -> str:
-    """Path of the most recent checkpoint in ``ckpt_dir`` (by modification time); error if there is none."""
-    files = sorted(Path(ckpt_dir).glob(pattern), key=lambda f: f.stat().st_mtime)
-    if not files:
-        raise FileNotFoundError(f"resume was requested but {str(ckpt_dir)!r} holds no file matching {pattern!r}.")
-    logger.info("resuming from %s", files[-1])
-    return str(files[-1])
+    """Path of the checkpoint holding the highest training iteration (read from the files, not their times)."""
+    from .checkpointing import latest_checkpoint as latest
+
+    path = latest(ckpt_dir, pattern)
+    logger.info("resuming from %s", path)
+    return path
+
+
+def check_writable(**folders: str | os.PathLike) -> None:
+    """Create each folder if needed and check a file can be written in it, before any work.
+
+    Keyword names are the options the folders come from (``ckpt_dir=...``); an error names the option, the folder
+    and the reason.
+    """
+    import tempfile
+
+    problems = []
+    for option, folder in folders.items():
+        if folder is None:
+            continue
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test_"):
+                pass
+        except OSError as e:
+            problems.append(f"--{option} {str(folder)!r} cannot be written ({type(e).__name__}: {e.strerror or e}).")
+    if problems:
+        raise PermissionError("output folder check failed before training:\n  " + "\n  ".join(problems))
 
 
 def check_run_dirs(ckpt_dir: str | os.PathLike, model_file: str | os.PathLike, resume: bool = False,
-                   overwrite: bool = False, pattern: str = "checkpoint_*.pt") -> None:
-    """Refuse to overwrite an earlier run silently.
+                   overwrite: bool = False, pattern: str = "checkpoint_*.pt", output_dir: str | os.PathLike | None = None,
+                   options: dict | None = None, epochs: int | None = None, apply_changes: bool = False) -> None:
+    """Refuse to overwrite an earlier run silently, and check a resume can continue it.
 
-    A fresh run (``resume=False``) whose checkpoint folder already holds checkpoints, or whose best-model file
-    exists, stops with an error unless ``overwrite=True``, in which case the old files are removed. A resumed run
-    needs at least one checkpoint.
+    Every output folder (``output_dir``, ``ckpt_dir``, the folder of ``model_file``) must be writable. A fresh run
+    (``resume=False``) whose checkpoint folder already holds checkpoints, or whose best-model file exists, stops
+    with an error unless ``overwrite=True``, in which case the old files are removed. A resumed run needs a
+    readable checkpoint below ``epochs`` and, unless ``apply_changes``, the same ``options`` as the run that wrote
+    it (see :func:`custom_components.checkpointing.record_run`). ``options`` are recorded beside the checkpoints.
+    Files left by a save that was killed are removed.
     """
+    from .checkpointing import RUN_RECORD, record_run, remove_partial_files
+
     ckpt_dir, model_file = Path(ckpt_dir), Path(model_file)
+    check_writable(output_dir=output_dir, ckpt_dir=ckpt_dir, model_dir=model_file.parent)
+    remove_partial_files(ckpt_dir, model_file.parent)
     if resume:
         latest_checkpoint(ckpt_dir, pattern)
+        if options is not None:
+            record_run(ckpt_dir, options, resume=True, apply_changes=apply_changes, epochs=epochs)
         return
     old = sorted(ckpt_dir.glob(pattern)) + ([model_file] if model_file.exists() else [])
-    if not old:
-        return
-    if not overwrite:
+    if old and not overwrite:
         raise FileExistsError(
             f"an earlier run left {len(old)} file(s) ({', '.join(str(f) for f in old[:3])}"
             f"{', ...' if len(old) > 3 else ''}); pass '--resume true' to continue it or '--overwrite true' to "
             "start again and replace them (or choose another --ckpt_dir / --model_dir)."
         )
-    for f in old:
+    for f in old + ([ckpt_dir / RUN_RECORD] if old and (ckpt_dir / RUN_RECORD).exists() else []):
         logger.warning("overwrite requested: removing %s", f)
         f.unlink()
+    if options is not None:
+        record_run(ckpt_dir, options)
 
 
 def as_flag(value: bool | str | int, name: str = "flag") -> bool:
