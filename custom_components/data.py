@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["DatalistError", "read_datalist_json", "PrepareSourceTarget", "as_flag", "main_rank_only", "check_datalist", "check_run_dirs", "check_writable", "latest_checkpoint", "load_datalist"]
+__all__ = ["DatalistError", "read_datalist_json", "PrepareSourceTarget", "as_flag", "main_rank_only", "check_datalist", "check_patch_size", "check_run_dirs", "check_splits", "check_writable", "latest_checkpoint", "load_datalist", "require_keys"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +60,9 @@ def check_datalist(items: Sequence[dict], image_keys: Sequence[str] = ("source",
                    name: str = "datalist") -> Sequence[dict]:
     """Check every subject before training; raise :class:`DatalistError` listing all problems found.
 
-    Checks: the list is not empty; every ``image_keys`` entry is present, exists and is readable; images and any
-    ``aux_keys`` files of a subject have the same spatial shape and affines equal within ``atol``; image values
+    Checks: the list is not empty; no subject id or image file appears twice; every ``image_keys`` entry is
+    present, exists and is readable; every file is one 3D volume (one channel); images and any ``aux_keys`` files
+    of a subject have the same spatial shape and affines equal within ``atol``; values of images, masks and labels
     are finite (when ``check_values``).
 
     Returns ``items`` unchanged, so the call can sit between a datalist and a dataset in a config.
@@ -70,7 +71,7 @@ def check_datalist(items: Sequence[dict], image_keys: Sequence[str] = ("source",
 
     if len(items) == 0:
         raise DatalistError(f"{name}: the list of subjects is empty.")
-    problems: list[str] = []
+    problems: list[str] = _duplicates(items, image_keys)
     for i, item in enumerate(items):
         subject = item.get("subject", f"#{i}")
         ref: tuple[str, Any] | None = None
@@ -87,7 +88,11 @@ def check_datalist(items: Sequence[dict], image_keys: Sequence[str] = ("source",
             except Exception as e:  # noqa: BLE001 - any reader failure is reported per file
                 problems.append(f"subject {subject}: {key} file {path} cannot be read ({type(e).__name__}: {e}).")
                 continue
-            if check_values and key in image_keys and not bool(torch.isfinite(torch.as_tensor(img)).all()):
+            if img.ndim == 4 and img.shape[-1] != 1 or img.ndim not in (3, 4):
+                problems.append(f"subject {subject}: {key} file {path} has shape {tuple(img.shape)}, expected one 3D "
+                                "volume with a single channel.")
+                continue
+            if check_values and not bool(torch.isfinite(torch.as_tensor(img)).all()):
                 n_bad = int((~torch.isfinite(torch.as_tensor(img))).sum())
                 problems.append(f"subject {subject}: {key} file {path} contains {n_bad} non-finite values (NaN/inf).")
             shape, affine = tuple(img.shape[:3]), np.asarray(img.affine)
@@ -106,6 +111,71 @@ def check_datalist(items: Sequence[dict], image_keys: Sequence[str] = ("source",
         raise DatalistError(f"{name}: {len(problems)} problem(s) found before training:\n  " + "\n  ".join(problems))
     logger.info("%s: %d subjects checked", name, len(items))
     return items
+
+
+def _duplicates(items: Sequence[dict], image_keys: Sequence[str]) -> list[str]:
+    """Subject ids and image files that appear more than once in one list."""
+    problems = []
+    ids: dict[str, list[int]] = {}
+    files: dict[str, list[str]] = {}
+    for i, item in enumerate(items):
+        ids.setdefault(str(item.get("subject", f"#{i}")), []).append(i)
+        for key in image_keys:
+            if isinstance(item.get(key), str):
+                files.setdefault(os.path.realpath(item[key]), []).append(str(item.get("subject", f"#{i}")))
+    for sid, where in ids.items():
+        if len(where) > 1:
+            problems.append(f"subject id {sid} appears {len(where)} times (entries {where}).")
+    for f, subjects in files.items():
+        if len(subjects) > 1:
+            problems.append(f"file {f} is listed {len(subjects)} times (subjects {', '.join(subjects)}).")
+    return problems
+
+
+def check_splits(training: Sequence[dict], validation: Sequence[dict], image_keys: Sequence[str] = ("source", "target"),
+                 name: str = "datalist") -> None:
+    """Refuse a subject (same id or same image file) in both the training and the validation list: it would leak
+    into the choice of the best model. :class:`DatalistError` names every such subject."""
+    def index(items):
+        ids = {str(i.get("subject")) for i in items if i.get("subject") is not None}
+        files = {os.path.realpath(i[k]): str(i.get("subject")) for i in items for k in image_keys if isinstance(i.get(k), str)}
+        return ids, files
+
+    (train_ids, train_files), (val_ids, val_files) = index(training), index(validation)
+    problems = [f"subject id {s} is in both the training and the validation list." for s in sorted(train_ids & val_ids)]
+    problems += [f"file {f} is in the training list (subject {train_files[f]}) and the validation list (subject "
+                 f"{val_files[f]})." for f in sorted(set(train_files) & set(val_files))]
+    if problems:
+        raise DatalistError(f"{name}: {len(problems)} subject(s) leak from training into validation:\n  "
+                            + "\n  ".join(problems))
+
+
+def require_keys(items: Sequence[dict], keys: Sequence[str], name: str = "datalist", why: str = "") -> Sequence[dict]:
+    """:class:`DatalistError` naming every subject of ``items`` without one of ``keys``; ``items`` otherwise."""
+    missing = [f"subject {item.get('subject', f'#{i}')}: no {k!r} entry" for i, item in enumerate(items)
+               for k in keys if k not in item]
+    if missing:
+        raise DatalistError(f"{name}: {len(missing)} entr{'y' if len(missing) == 1 else 'ies'} missing{why}:\n  "
+                            + "\n  ".join(missing))
+    return items
+
+
+def check_patch_size(patch_size: Sequence[int], spatial_dims: int, strides: Mapping[str, Sequence[int] | int]) -> None:
+    """The patch must have ``spatial_dims`` sizes, each a multiple of every network's total stride.
+
+    ``strides`` maps a network name to its strides (multiplied) or its total stride.
+    """
+    if len(patch_size) != spatial_dims:
+        raise ValueError(f"patch_size {list(patch_size)} has {len(patch_size)} sizes, expected {spatial_dims} "
+                         f"(spatial_dims is {spatial_dims}).")
+    for net, st in strides.items():
+        total = int(np.prod(st)) if isinstance(st, (list, tuple)) else int(st)
+        bad = [int(p) for p in patch_size if int(p) % total]
+        if bad:
+            raise ValueError(
+                f"patch_size {list(patch_size)}: {bad} not a multiple of {total}, the total stride of the {net} "
+                f"(each size must be divisible by {total}, e.g. {[max(total, int(p) // total * total) for p in patch_size]})."
+            )
 
 
 class PrepareSourceTarget:
