@@ -22,7 +22,7 @@ SMALL = ["--generator_channels", "[4,8,16,16]", "--local_channels", "[4,4,8,8]",
 
 def _bundle(*args, check=True):
     proc = subprocess.run([sys.executable, "-m", "monai.bundle", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=900)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
