@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["DatalistError", "read_datalist_json", "PrepareSourceTarget", "as_flag", "main_rank_only", "check_datalist", "check_run_dirs", "latest_checkpoint", "load_datalist"]
+__all__ = ["DatalistError", "read_datalist_json", "PrepareSourceTarget", "as_flag", "main_rank_only", "check_datalist", "check_patch_size", "check_run_dirs", "check_splits", "check_writable", "latest_checkpoint", "load_datalist", "require_keys"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +60,9 @@ def check_datalist(items: Sequence[dict], image_keys: Sequence[str] = ("source",
                    name: str = "datalist") -> Sequence[dict]:
     """Check every subject before training; raise :class:`DatalistError` listing all problems found.
 
-    Checks: the list is not empty; every ``image_keys`` entry is present, exists and is readable; images and any
-    ``aux_keys`` files of a subject have the same spatial shape and affines equal within ``atol``; image values
+    Checks: the list is not empty; no subject id or image file appears twice; every ``image_keys`` entry is
+    present, exists and is readable; every file is one 3D volume (one channel); images and any ``aux_keys`` files
+    of a subject have the same spatial shape and affines equal within ``atol``; values of images, masks and labels
     are finite (when ``check_values``).
 
     Returns ``items`` unchanged, so the call can sit between a datalist and a dataset in a config.
@@ -70,7 +71,7 @@ def check_datalist(items: Sequence[dict], image_keys: Sequence[str] = ("source",
 
     if len(items) == 0:
         raise DatalistError(f"{name}: the list of subjects is empty.")
-    problems: list[str] = []
+    problems: list[str] = _duplicates(items, image_keys)
     for i, item in enumerate(items):
         subject = item.get("subject", f"#{i}")
         ref: tuple[str, Any] | None = None
@@ -87,7 +88,11 @@ def check_datalist(items: Sequence[dict], image_keys: Sequence[str] = ("source",
             except Exception as e:  # noqa: BLE001 - any reader failure is reported per file
                 problems.append(f"subject {subject}: {key} file {path} cannot be read ({type(e).__name__}: {e}).")
                 continue
-            if check_values and key in image_keys and not bool(torch.isfinite(torch.as_tensor(img)).all()):
+            if img.ndim == 4 and img.shape[-1] != 1 or img.ndim not in (3, 4):
+                problems.append(f"subject {subject}: {key} file {path} has shape {tuple(img.shape)}, expected one 3D "
+                                "volume with a single channel.")
+                continue
+            if check_values and not bool(torch.isfinite(torch.as_tensor(img)).all()):
                 n_bad = int((~torch.isfinite(torch.as_tensor(img))).sum())
                 problems.append(f"subject {subject}: {key} file {path} contains {n_bad} non-finite values (NaN/inf).")
             shape, affine = tuple(img.shape[:3]), np.asarray(img.affine)
@@ -106,6 +111,71 @@ def check_datalist(items: Sequence[dict], image_keys: Sequence[str] = ("source",
         raise DatalistError(f"{name}: {len(problems)} problem(s) found before training:\n  " + "\n  ".join(problems))
     logger.info("%s: %d subjects checked", name, len(items))
     return items
+
+
+def _duplicates(items: Sequence[dict], image_keys: Sequence[str]) -> list[str]:
+    """Subject ids and image files that appear more than once in one list."""
+    problems = []
+    ids: dict[str, list[int]] = {}
+    files: dict[str, list[str]] = {}
+    for i, item in enumerate(items):
+        ids.setdefault(str(item.get("subject", f"#{i}")), []).append(i)
+        for key in image_keys:
+            if isinstance(item.get(key), str):
+                files.setdefault(os.path.realpath(item[key]), []).append(str(item.get("subject", f"#{i}")))
+    for sid, where in ids.items():
+        if len(where) > 1:
+            problems.append(f"subject id {sid} appears {len(where)} times (entries {where}).")
+    for f, subjects in files.items():
+        if len(subjects) > 1:
+            problems.append(f"file {f} is listed {len(subjects)} times (subjects {', '.join(subjects)}).")
+    return problems
+
+
+def check_splits(training: Sequence[dict], validation: Sequence[dict], image_keys: Sequence[str] = ("source", "target"),
+                 name: str = "datalist") -> None:
+    """Refuse a subject (same id or same image file) in both the training and the validation list: it would leak
+    into the choice of the best model. :class:`DatalistError` names every such subject."""
+    def index(items):
+        ids = {str(i.get("subject")) for i in items if i.get("subject") is not None}
+        files = {os.path.realpath(i[k]): str(i.get("subject")) for i in items for k in image_keys if isinstance(i.get(k), str)}
+        return ids, files
+
+    (train_ids, train_files), (val_ids, val_files) = index(training), index(validation)
+    problems = [f"subject id {s} is in both the training and the validation list." for s in sorted(train_ids & val_ids)]
+    problems += [f"file {f} is in the training list (subject {train_files[f]}) and the validation list (subject "
+                 f"{val_files[f]})." for f in sorted(set(train_files) & set(val_files))]
+    if problems:
+        raise DatalistError(f"{name}: {len(problems)} subject(s) leak from training into validation:\n  "
+                            + "\n  ".join(problems))
+
+
+def require_keys(items: Sequence[dict], keys: Sequence[str], name: str = "datalist", why: str = "") -> Sequence[dict]:
+    """:class:`DatalistError` naming every subject of ``items`` without one of ``keys``; ``items`` otherwise."""
+    missing = [f"subject {item.get('subject', f'#{i}')}: no {k!r} entry" for i, item in enumerate(items)
+               for k in keys if k not in item]
+    if missing:
+        raise DatalistError(f"{name}: {len(missing)} entr{'y' if len(missing) == 1 else 'ies'} missing{why}:\n  "
+                            + "\n  ".join(missing))
+    return items
+
+
+def check_patch_size(patch_size: Sequence[int], spatial_dims: int, strides: Mapping[str, Sequence[int] | int]) -> None:
+    """The patch must have ``spatial_dims`` sizes, each a multiple of every network's total stride.
+
+    ``strides`` maps a network name to its strides (multiplied) or its total stride.
+    """
+    if len(patch_size) != spatial_dims:
+        raise ValueError(f"patch_size {list(patch_size)} has {len(patch_size)} sizes, expected {spatial_dims} "
+                         f"(spatial_dims is {spatial_dims}).")
+    for net, st in strides.items():
+        total = int(np.prod(st)) if isinstance(st, (list, tuple)) else int(st)
+        bad = [int(p) for p in patch_size if int(p) % total]
+        if bad:
+            raise ValueError(
+                f"patch_size {list(patch_size)}: {bad} not a multiple of {total}, the total stride of the {net} "
+                f"(each size must be divisible by {total}, e.g. {[max(total, int(p) // total * total) for p in patch_size]})."
+            )
 
 
 class PrepareSourceTarget:
@@ -128,38 +198,70 @@ class PrepareSourceTarget:
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike, pattern: str = "checkpoint_*.pt") -> str:
-    """Path of the most recent checkpoint in ``ckpt_dir`` (by modification time); error if there is none."""
-    files = sorted(Path(ckpt_dir).glob(pattern), key=lambda f: f.stat().st_mtime)
-    if not files:
-        raise FileNotFoundError(f"resume was requested but {str(ckpt_dir)!r} holds no file matching {pattern!r}.")
-    logger.info("resuming from %s", files[-1])
-    return str(files[-1])
+    """Path of the checkpoint holding the highest training iteration (read from the files, not their times)."""
+    from .checkpointing import latest_checkpoint as latest
+
+    path = latest(ckpt_dir, pattern)
+    logger.info("resuming from %s", path)
+    return path
+
+
+def check_writable(**folders: str | os.PathLike) -> None:
+    """Create each folder if needed and check a file can be written in it, before any work.
+
+    Keyword names are the options the folders come from (``ckpt_dir=...``); an error names the option, the folder
+    and the reason.
+    """
+    import tempfile
+
+    problems = []
+    for option, folder in folders.items():
+        if folder is None:
+            continue
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test_"):
+                pass
+        except OSError as e:
+            problems.append(f"--{option} {str(folder)!r} cannot be written ({type(e).__name__}: {e.strerror or e}).")
+    if problems:
+        raise PermissionError("output folder check failed before training:\n  " + "\n  ".join(problems))
 
 
 def check_run_dirs(ckpt_dir: str | os.PathLike, model_file: str | os.PathLike, resume: bool = False,
-                   overwrite: bool = False, pattern: str = "checkpoint_*.pt") -> None:
-    """Refuse to overwrite an earlier run silently.
+                   overwrite: bool = False, pattern: str = "checkpoint_*.pt", output_dir: str | os.PathLike | None = None,
+                   options: dict | None = None, epochs: int | None = None, apply_changes: bool = False) -> None:
+    """Refuse to overwrite an earlier run silently, and check a resume can continue it.
 
-    A fresh run (``resume=False``) whose checkpoint folder already holds checkpoints, or whose best-model file
-    exists, stops with an error unless ``overwrite=True``, in which case the old files are removed. A resumed run
-    needs at least one checkpoint.
+    Every output folder (``output_dir``, ``ckpt_dir``, the folder of ``model_file``) must be writable. A fresh run
+    (``resume=False``) whose checkpoint folder already holds checkpoints, or whose best-model file exists, stops
+    with an error unless ``overwrite=True``, in which case the old files are removed. A resumed run needs a
+    readable checkpoint below ``epochs`` and, unless ``apply_changes``, the same ``options`` as the run that wrote
+    it (see :func:`custom_components.checkpointing.record_run`). ``options`` are recorded beside the checkpoints.
+    Files left by a save that was killed are removed.
     """
+    from .checkpointing import RUN_RECORD, record_run, remove_partial_files
+
     ckpt_dir, model_file = Path(ckpt_dir), Path(model_file)
+    check_writable(output_dir=output_dir, ckpt_dir=ckpt_dir, model_dir=model_file.parent)
+    remove_partial_files(ckpt_dir, model_file.parent)
     if resume:
         latest_checkpoint(ckpt_dir, pattern)
+        if options is not None:
+            record_run(ckpt_dir, options, resume=True, apply_changes=apply_changes, epochs=epochs)
         return
     old = sorted(ckpt_dir.glob(pattern)) + ([model_file] if model_file.exists() else [])
-    if not old:
-        return
-    if not overwrite:
+    if old and not overwrite:
         raise FileExistsError(
             f"an earlier run left {len(old)} file(s) ({', '.join(str(f) for f in old[:3])}"
             f"{', ...' if len(old) > 3 else ''}); pass '--resume true' to continue it or '--overwrite true' to "
             "start again and replace them (or choose another --ckpt_dir / --model_dir)."
         )
-    for f in old:
+    for f in old + ([ckpt_dir / RUN_RECORD] if old and (ckpt_dir / RUN_RECORD).exists() else []):
         logger.warning("overwrite requested: removing %s", f)
         f.unlink()
+    if options is not None:
+        record_run(ckpt_dir, options)
 
 
 def as_flag(value: bool | str | int, name: str = "flag") -> bool:

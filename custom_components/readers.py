@@ -30,10 +30,12 @@ from monai.data import ImageReader, is_supported_format
 from monai.data.utils import is_no_channel, orientation_ras_lps
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
-__all__ = ["SimpleITKReader", "SUPPORTED_SUFFIXES", "sitk_affine"]
+__all__ = ["ITK_SUFFIXES", "SimpleITKReader", "SUPPORTED_SUFFIXES", "load_image", "load_imaged", "sitk_affine"]
 
 #: File name endings read by :class:`SimpleITKReader`.
 SUPPORTED_SUFFIXES: tuple[str, ...] = ("mha", "mhd", "nrrd", "nhdr", "nii", "nii.gz")
+#: Endings the bundle reads with :class:`SimpleITKReader`; NIfTI is read by MONAI's default ``NibabelReader``.
+ITK_SUFFIXES: tuple[str, ...] = ("mha", "mhd", "nrrd", "nhdr")
 
 
 def sitk_affine(image: Any, lps_to_ras: bool = True) -> np.ndarray:
@@ -58,6 +60,7 @@ class SimpleITKReader(ImageReader):
         reverse_indexing: if ``True``, return the array in SimpleITK's ``(z, y, x)`` order; the default ``False``
             gives MONAI's ``(x, y, z)`` order. The metadata is the same either way.
         affine_lps_to_ras: convert the affine from ITK's LPS to RAS (default, as ``NibabelReader``).
+        suffixes: file endings this reader accepts when ``LoadImage`` picks a reader by suffix.
         kwargs: extra arguments for ``SimpleITK.ReadImage`` (e.g. ``outputPixelType``).
 
     A list of files is read as channels: single-component images are stacked on a new first axis
@@ -66,8 +69,9 @@ class SimpleITKReader(ImageReader):
     """
 
     def __init__(self, channel_dim: str | int | None = None, reverse_indexing: bool = False,
-                 affine_lps_to_ras: bool = True, **kwargs: Any) -> None:
+                 affine_lps_to_ras: bool = True, suffixes: Sequence[str] = SUPPORTED_SUFFIXES, **kwargs: Any) -> None:
         super().__init__()
+        self.suffixes = tuple(s.lstrip(".") for s in suffixes)
         if not (channel_dim is None or channel_dim == "no_channel" or isinstance(channel_dim, int)):
             raise ValueError(f"channel_dim must be None, 'no_channel' or an int, got {channel_dim!r}.")
         self.channel_dim = float("nan") if channel_dim == "no_channel" else channel_dim
@@ -76,8 +80,8 @@ class SimpleITKReader(ImageReader):
         self.kwargs = kwargs
 
     def verify_suffix(self, filename: Sequence[os.PathLike | str] | os.PathLike | str) -> bool:
-        """Whether all of ``filename`` end with one of :data:`SUPPORTED_SUFFIXES`."""
-        return is_supported_format(filename, list(SUPPORTED_SUFFIXES))
+        """Whether all of ``filename`` end with one of ``suffixes`` (default :data:`SUPPORTED_SUFFIXES`)."""
+        return is_supported_format(filename, list(self.suffixes))
 
     def read(self, data: Sequence[os.PathLike | str] | os.PathLike | str, **kwargs: Any) -> Any:
         """Read one file (returns a ``SimpleITK.Image``) or several (returns a list of them)."""
@@ -164,11 +168,24 @@ class SimpleITKReader(ImageReader):
         return meta
 
 
+def load_imaged(keys: Any, **kwargs: Any):
+    """MONAI ``LoadImaged`` that picks the reader by file ending: NIfTI with MONAI's default readers, ``.mha``,
+    ``.mhd``, ``.nrrd`` with :class:`SimpleITKReader` (MONAI's ITK reader needs the ``itk`` package).
+
+    Every format :func:`load_image` (the input screening) reads is read by this transform the same way.
+    Config use: ``{"_target_": "custom_components.readers.load_imaged", "keys": "source", "image_only": true}``.
+    """
+    from monai.transforms import LoadImaged
+
+    loader = LoadImaged(keys, reader=None, **kwargs)
+    loader.register(SimpleITKReader(suffixes=ITK_SUFFIXES))
+    return loader
+
+
 def load_image(path: str | os.PathLike, **kwargs: Any):
-    """Load one image as a MONAI ``MetaTensor``: NIfTI with MONAI's default readers, other formats (``.mha``,
-    ``.mhd``, ``.nrrd``) with :class:`SimpleITKReader` (MONAI's ITK reader needs the ``itk`` package)."""
+    """Load one image as a MONAI ``MetaTensor``, with the readers of :func:`load_imaged`."""
     from monai.transforms import LoadImage
 
-    name = str(path).lower()
-    reader = None if name.endswith((".nii", ".nii.gz")) else SimpleITKReader()
-    return LoadImage(reader=reader, image_only=True, **kwargs)(path)
+    loader = LoadImage(reader=None, image_only=True, **kwargs)
+    loader.register(SimpleITKReader(suffixes=ITK_SUFFIXES))
+    return loader(path)

@@ -339,7 +339,7 @@ class DualAttentionTrainer(Trainer):
         if self.stop_on_nonfinite and not math.isfinite(value.item()):
             raise FloatingPointError(
                 f"iteration {self.state.iteration} (epoch {self.state.epoch}): loss term '{term}' is {value.item()}; "
-                "training stopped before this update, so the networks keep the weights of the previous iteration."
+                f"training stopped before the update it feeds. {_updated_note(self)}"
             )
 
     def _step(self, name: str, loss: torch.Tensor, optimizer: Optimizer) -> None:
@@ -347,6 +347,15 @@ class DualAttentionTrainer(Trainer):
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        _mark_updated(self, name)
+        if self.stop_on_nonfinite:
+            bad = _nonfinite_tensors(_network_of(self, name))
+            if bad:
+                raise FloatingPointError(
+                    f"iteration {self.state.iteration} (epoch {self.state.epoch}): after the update of {name}, "
+                    f"{len(bad)} of its parameters/buffers hold NaN/inf (first: {', '.join(bad[:3])}); training "
+                    f"stopped. {_updated_note(self)}"
+                )
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(source, target) of another mini-batch, from a second iterator over the training loader."""
@@ -475,3 +484,42 @@ class DualAttentionTrainer(Trainer):
             fake = None
         out.update(engine.generator_step(source, target, fake))
         return out
+
+
+_NETWORK_ATTRS = {"generator": "g_network", "global_critic": "global_critic", "local_discriminator": "local_discriminator"}
+
+
+def _network_of(trainer: DualAttentionTrainer, name: str) -> torch.nn.Module:
+    return _unwrap(getattr(trainer, _NETWORK_ATTRS[name]))
+
+
+def _mark_updated(trainer: DualAttentionTrainer, name: str) -> None:
+    """Remember which networks have stepped in the current iteration (for the non-finite guard's message)."""
+    record = getattr(trainer, "_updated_in_iteration", None)
+    if record is None or record[0] != trainer.state.iteration:
+        record = (trainer.state.iteration, [])
+        trainer._updated_in_iteration = record
+    if name not in record[1]:
+        record[1].append(name)
+
+
+def _updated_note(trainer: DualAttentionTrainer) -> str:
+    record = getattr(trainer, "_updated_in_iteration", None)
+    done = record[1] if record is not None and record[0] == trainer.state.iteration else []
+    if not done:
+        return "No network was updated in this iteration; all keep the weights of the previous iteration."
+    return (f"Already updated in this iteration: {', '.join(done)}; the weights in memory are not saved. The last "
+            "good weights are the latest epoch checkpoint; resume from it with a lower learning rate "
+            "('--resume true --apply_changes true --lr_g ...').")
+
+
+def _nonfinite_tensors(net: torch.nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``net`` holding NaN/inf (one device sync)."""
+    named = [(n, t) for n, t in list(net.named_parameters()) + list(net.named_buffers()) if t.is_floating_point()]
+    if not named:
+        return []
+    norms = torch._foreach_norm([t.detach() for _, t in named], float("inf"))
+    flags = torch.isfinite(torch.stack([n.float() for n in norms]))
+    if bool(flags.all()):
+        return []
+    return [named[i][0] for i in (~flags).nonzero().flatten().tolist()]

@@ -5,7 +5,9 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
+from custom_components.checkpointing import ResumeError
 from custom_components.data import DatalistError, check_datalist, check_run_dirs, latest_checkpoint, load_datalist
 
 
@@ -79,9 +81,12 @@ def test_run_dirs_never_overwrite_silently(tmp_path):
     ckpt, model = tmp_path / "ckpt", tmp_path / "model.pt"
     ckpt.mkdir()
     check_run_dirs(ckpt, model)  # fresh: fine
-    with pytest.raises(FileNotFoundError, match="resume was requested"):
+    with pytest.raises(ResumeError, match="resume was requested"):
         check_run_dirs(ckpt, model, resume=True)
     (ckpt / "checkpoint_epoch=1.pt").write_bytes(b"x")
+    with pytest.raises(ResumeError, match="no readable file"):  # a damaged checkpoint cannot be resumed from
+        check_run_dirs(ckpt, model, resume=True)
+    torch.save({"trainer": {"iteration": 2, "epoch_length": 2}}, ckpt / "checkpoint_epoch=1.pt")
     with pytest.raises(FileExistsError, match="--resume true"):
         check_run_dirs(ckpt, model)
     check_run_dirs(ckpt, model, resume=True)
@@ -97,3 +102,85 @@ def test_as_flag_reads_command_line_text():
     assert not as_flag(False) and not as_flag("false") and not as_flag("0")
     with pytest.raises(ValueError, match="resume must be true or false, got 'maybe'"):
         as_flag("maybe", "resume")
+
+
+# ---- issue 10, items 9, 10, 13: bad input caught before work --------------------------------------------------
+
+
+def test_two_channel_source_is_rejected_naming_the_file(subjects):
+    _write(subjects[1]["source"], np.zeros((8, 8, 4, 2)))
+    with pytest.raises(DatalistError) as e:
+        check_datalist(subjects)
+    assert f"subject s1: source file {subjects[1]['source']} has shape (8, 8, 4, 2), expected one 3D volume" in str(e.value)
+    _write(subjects[1]["source"], np.zeros((8, 8, 4, 1)))  # one channel is fine
+    check_datalist(subjects)
+
+
+def test_duplicate_ids_and_subject_listed_twice_are_named(subjects):
+    with pytest.raises(DatalistError) as e:
+        check_datalist(subjects + [dict(subjects[0])])
+    msg = str(e.value)
+    assert "subject id s0 appears 2 times (entries [0, 2])" in msg
+    assert f"file {subjects[0]['source']} is listed 2 times (subjects s0, s0)" in msg
+    renamed = dict(subjects[1], subject="s9")  # the same images under another id
+    with pytest.raises(DatalistError, match=r"is listed 2 times \(subjects s1, s9\)"):
+        check_datalist(subjects + [renamed])
+
+
+def test_training_validation_leakage_is_named(subjects):
+    from custom_components.data import check_splits
+
+    check_splits(subjects[:1], subjects[1:])
+    with pytest.raises(DatalistError) as e:
+        check_splits(subjects, [subjects[1]], name="dl.json")
+    msg = str(e.value)
+    assert "subject id s1 is in both the training and the validation list" in msg
+    assert f"file {subjects[1]['source']} is in the training list (subject s1) and the validation list" in msg
+    with pytest.raises(DatalistError, match="subject s0"):
+        check_splits(subjects[:1], [dict(subjects[0], subject="val7")])
+
+
+def test_nan_in_mask_or_label_is_caught(subjects):
+    _write(subjects[0]["label"], np.full((8, 8, 4), np.nan))
+    with pytest.raises(DatalistError, match=r"subject s0: label file .* contains 256 non-finite values"):
+        check_datalist(subjects)
+
+
+def test_training_list_without_masks_is_rejected(subjects):
+    from custom_components.data import require_keys
+
+    with pytest.raises(DatalistError) as e:
+        require_keys(subjects, ["mask"], name="training list", why=" (patches are sampled inside the mask)")
+    assert "2 entries missing (patches are sampled inside the mask)" in str(e.value)
+    assert "subject s0: no 'mask' entry" in str(e.value) and "subject s1: no 'mask' entry" in str(e.value)
+    assert require_keys(subjects, ["label"]) is subjects
+
+
+def test_patch_size_must_be_a_multiple_of_the_total_stride():
+    from custom_components.data import check_patch_size
+
+    check_patch_size([96, 96], 2, {"generator": [2, 2, 2], "local discriminator": 8})
+    with pytest.raises(ValueError, match=r"patch_size \[100, 96\]: \[100\] not a multiple of 8, the total stride of the generator"):
+        check_patch_size([100, 96], 2, {"generator": [2, 2, 2]})
+    with pytest.raises(ValueError, match="not a multiple of 16, the total stride of the local"):
+        check_patch_size([24, 24], 2, {"generator": [2, 2, 2], "local discriminator": 16})
+    with pytest.raises(ValueError, match=r"has 2 sizes, expected 3 \(spatial_dims is 3\)"):
+        check_patch_size([96, 96], 3, {"generator": [2, 2, 2]})
+
+
+def test_project_errors_are_reported_plainly_first():
+    """Issue 10, item 14: the project's message, not MONAI's ConfigExpression wrapper, comes first."""
+    from custom_components.errors import format_project_error
+
+    def config_expression():
+        try:
+            check_datalist([])
+        except DatalistError as e:
+            raise RuntimeError("Failed to evaluate ConfigExpression ...") from e
+
+    with pytest.raises(RuntimeError) as e:
+        config_expression()
+    text = format_project_error(e.value)
+    assert text.startswith("ERROR (DatalistError): datalist: the list of subjects is empty.")
+    assert "custom_components/data.py" in text and "ConfigExpression" not in text
+    assert format_project_error(RuntimeError("not ours")) is None

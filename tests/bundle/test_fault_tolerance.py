@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -106,3 +107,118 @@ def test_same_seed_same_losses(phantom, tmp_path):
                             "--epochs", "1", "--val_interval", "100", "--seed", "8"],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert _losses(other.stdout + other.stderr)[:2] != runs[0][:2]
+
+
+def _train(phantom, root, *overrides):
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", *_args(phantom, root), *map(str, overrides)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return proc, proc.stdout + proc.stderr
+
+
+def test_resume_keeps_best_model_last_n_checkpoints_and_checks_options(phantom, tmp_path):
+    """Issue 10, items 1-3, through the real config: a worse resumed run must not replace model.pt, resume picks
+    the checkpoint by its stored iteration, "keep 2" holds across resumes, changed options are refused or applied."""
+    proc, log = _train(phantom, tmp_path, "--epochs", 2, "--val_interval", 1)
+    assert proc.returncode == 0, log[-4000:]
+    ckpt, model = tmp_path / "runs" / "dual_attention" / "checkpoints", tmp_path / "models" / "model.pt"
+    best = model.read_bytes()
+    # sabotage the generator in the checkpoints, so every later validation is worse than the best so far,
+    # and reorder the file times as a plain copy does (epoch 1 looks newest)
+    for name in ("checkpoint_epoch=2.pt", "checkpoint_final.pt"):
+        state = torch.load(ckpt / name, weights_only=True)
+        state["generator"] = {k: torch.zeros_like(v) for k, v in state["generator"].items()}
+        torch.save(state, ckpt / name)
+    for i, name in enumerate(["checkpoint_final.pt", "checkpoint_epoch=2.pt", "checkpoint_epoch=1.pt"]):
+        os.utime(ckpt / name, (1000 + i, 1000 + i))
+
+    refused, log = _train(phantom, tmp_path, "--epochs", 4, "--val_interval", 1, "--resume", "true", "--lr_g", "1e6")
+    assert refused.returncode != 0
+    assert "1 option(s) differ from the checkpointed run" in log and "lr_g: 0.001 in the checkpointed run, 1000000.0 now" in log
+    assert "--apply_changes true" in log and "Epoch[3]" not in log
+
+    proc, log = _train(phantom, tmp_path, "--epochs", 4, "--val_interval", 1, "--resume", "true", "--lr_g", "0.0005",
+                       "--apply_changes", "true")
+    assert proc.returncode == 0, log[-4000:]
+    assert "applying changed option lr_g: 0.001 in the checkpointed run, 0.0005 now" in log
+    assert "Epoch[3] Complete" in log and "Epoch[2] Complete" not in log  # resumed from epoch 2, not epoch 1
+    assert model.read_bytes() == best  # the worse resumed run did not replace the best model
+    assert sorted(p.name for p in ckpt.glob("checkpoint_*.pt")) == [
+        "checkpoint_epoch=3.pt", "checkpoint_epoch=4.pt", "checkpoint_final.pt"]
+    final = torch.load(ckpt / "checkpoint_final.pt", weights_only=True)
+    assert final["g_optimizer"]["param_groups"][0]["lr"] == 0.0005
+    assert final["best_metric"]["best_metric_epoch"] in (1, 2)
+    history = json.loads((ckpt / "run_config.json").read_text())
+    assert [h["options"]["lr_g"] for h in history] == [0.001, 0.0005]
+
+
+KILL_ARGS = ["--make_phantom", "false", "--patch_size", "[16,16]", "--generator_channels", "[4,8,8,8]",
+             "--local_channels", "[4,4,4,4]", "--batch_size", "1", "--samples_per_volume", "1", "--log_every", "1",
+             "--val_interval", "1", "--cache_rate", "1.0"]
+
+
+def test_random_sigkills_lose_nothing(tmp_path_factory, tmp_path):
+    """Issue 10: SIGKILL at random moments (at least 10 times), resume each time, then check the run."""
+    import random
+
+    data = tmp_path_factory.mktemp("kill_phantom")
+    ensure_phantom(data, task="t1t2", n_train=2, n_val=1, n_test=1, shape=(32, 32, 32), seed=11)
+    epochs, epoch_length = 20, 2
+    base = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "bundle/configs/train.json",
+            "--bundle_root", str(tmp_path), "--model_dir", str(tmp_path / "models"), "--dataset_dir", str(data),
+            *KILL_ARGS]
+    ckpt, models = tmp_path / "runs" / "dual_attention" / "checkpoints", tmp_path / "models"
+    rng, kills, runs = random.Random(0), 0, 0
+    while True:
+        has_ckpt = any(ckpt.glob("checkpoint_*.pt"))
+        cmd = base + ["--epochs", str(epochs)] + (["--resume", "true"] if has_ckpt else ["--overwrite", "true"])
+        log_file = tmp_path / f"log{runs}.txt"
+        runs += 1
+        with open(log_file, "w") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            if kills < 10:
+                deadline = time.time() + 300
+                while time.time() < deadline and proc.poll() is None and "Epoch[" not in log_file.read_text():
+                    time.sleep(0.05)
+                time.sleep(rng.uniform(0.0, 2.0))  # anywhere in training, validation or a save
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGKILL)
+                    kills += 1
+            proc.wait(timeout=600)
+        text = log_file.read_text()
+        if proc.returncode == 0 and kills >= 10:
+            break
+        if proc.returncode == 0:  # finished before enough kills: train on (epochs may change on a resume)
+            epochs += 10
+            continue
+        assert proc.returncode == -signal.SIGKILL, text[-4000:]  # only our kills may stop a run
+        assert runs < 40, "the run makes no progress between kills"
+    assert kills >= 10
+    final_log = text
+    assert f"Epoch[{epochs}] Complete" in final_log
+
+    leftovers = [p.name for d in (ckpt, models) for p in d.iterdir() if p.name.startswith((".", "tmp"))]
+    assert leftovers == []
+    for f in ckpt.glob("checkpoint_*.pt"):
+        state = torch.load(f, weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state["generator"].values() if v.is_floating_point())
+    assert sorted(p.name for p in ckpt.glob("checkpoint_*.pt")) == [
+        f"checkpoint_epoch={epochs - 1}.pt", f"checkpoint_epoch={epochs}.pt", "checkpoint_final.pt"]
+    final = torch.load(ckpt / "checkpoint_final.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == epochs * epoch_length
+    best = final["best_metric"]["best_metric"]
+
+    # model.pt, evaluated again, scores the recorded best, and no validation of the last run did better
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundle" / "configs" / "train.json"))
+    parser.update({"bundle_root": str(tmp_path), "model_dir": str(models), "dataset_dir": str(data),
+                   "make_phantom": False, "patch_size": [16, 16], "generator_channels": [4, 8, 8, 8],
+                   "local_channels": [4, 4, 4, 4], "validate#handlers": [], "device": "cpu"})
+    net = parser.get_parsed_content("network")
+    net.load_state_dict(torch.load(models / "model.pt", weights_only=True))
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    evaluator.run()
+    assert evaluator.state.metrics["val_psnr"] >= best - 1e-4
+    last_run = [float(v) for v in re.findall(r"val_psnr: ([0-9.]+)", final_log)]
+    assert last_run and max(last_run) <= best + 1e-6

@@ -22,7 +22,7 @@ SMALL = ["--generator_channels", "[4,8,16,16]", "--local_channels", "[4,4,8,8]",
 
 def _bundle(*args, check=True):
     proc = subprocess.run([sys.executable, "-m", "monai.bundle", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=900)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -95,22 +95,94 @@ def test_bad_inputs_are_reported_and_others_processed_and_nothing_overwritten(mo
     (inp / "broken.nii.gz").write_bytes(b"not a nifti file")
     out = tmp_path / "out"
     args = ["run", "inferring", "--config_file", CONFIG, "--input", inp, "--model_dir", models, "--output_dir", out, *SMALL]
-    proc = _bundle(*args)
+    proc = _bundle(*args, check=False)
     log = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "4 of 5 input(s) could not be synthesised" in log  # issue 10, item 7
     summary = json.loads((out / "inference_summary.json").read_text())
     reasons = {Path(f["file"]).name: f["reason"] for f in summary["failed"]}
     assert set(reasons) == {"nan.nii.gz", "flat.nii.gz", "multi.nii.gz", "broken.nii.gz"}
     assert "non-finite" in reasons["nan.nii.gz"] and "2D" in reasons["flat.nii.gz"]
     assert "2 channels" in reasons["multi.nii.gz"] and "cannot be read" in reasons["broken.nii.gz"]
     assert "broken.nii.gz" in log
+    assert [Path(f).name for f in summary["synthesised"]] == ["good.nii.gz"]
     good = out / "good_synthetic.nii.gz"
     stamp = os.stat(good).st_mtime_ns
-    again = _bundle(*args)
+    _bundle(*args, check=False)
+    # the earlier summary is kept; the existing output is reported as skipped, not as failed
+    assert len(list(out.glob("inference_summary_*.json"))) == 1
     summary = json.loads((out / "inference_summary.json").read_text())
-    assert any("good.nii.gz" in f["file"] and "exists" in f["reason"] for f in summary["failed"])
-    assert os.stat(good).st_mtime_ns == stamp, again.stdout[-2000:]
-    _bundle(*args, "--overwrite", "true")
+    assert [Path(f["file"]).name for f in summary["skipped"]] == ["good.nii.gz"]
+    assert "exists" in summary["skipped"][0]["reason"] and summary["synthesised"] == []
+    assert "good.nii.gz" not in {Path(f["file"]).name for f in summary["failed"]}
+    assert os.stat(good).st_mtime_ns == stamp
+    _bundle(*args, "--overwrite", "true", check=False)
     assert os.stat(good).st_mtime_ns != stamp
+    assert len(list(out.glob("inference_summary_*.json"))) == 2
+
+
+def test_outputs_stay_under_output_dir_for_absolute_paths_in_any_format(models, tmp_path):
+    """Issue 10, items 5 and 8: a datalist elsewhere naming absolute paths, .mha and .nii inputs."""
+    import SimpleITK as sitk
+
+    data = tmp_path / "data"
+    (data / "case1").mkdir(parents=True)
+    (data / "case2").mkdir()
+    _volume(data / "case2" / "t1.nii")
+    _volume(tmp_path / "tmp.nii.gz")
+    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "tmp.nii.gz")), str(data / "case1" / "t1.mha"))
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "dl.json").write_text(json.dumps({"test": [{"source": str(data / "case1" / "t1.mha")},
+                                                        {"source": str(data / "case2" / "t1.nii")}]}))
+    before = sorted(p.name for p in data.rglob("*"))
+    out = tmp_path / "out"
+    _bundle("run", "inferring", "--config_file", CONFIG, "--input", lists / "dl.json", "--model_dir", models,
+            "--output_dir", out, *SMALL)
+    assert sorted(p.name for p in data.rglob("*")) == before  # nothing written beside the inputs
+    for case in ("case1", "case2"):
+        syn = nib.load(out / case / "t1_synthetic.nii.gz")
+        assert syn.shape == (37, 29, 11)
+    summary = json.loads((out / "inference_summary.json").read_text())
+    assert len(summary["synthesised"]) == 2 and summary["failed"] == []
+
+
+def test_output_name_collisions_are_found_before_any_work(models, tmp_path):
+    """Issue 10, item 6: scan.nii and scan.nii.gz would both become scan_synthetic.nii.gz."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    _volume(inp / "scan.nii")
+    _volume(inp / "scan.nii.gz")
+    _volume(inp / "other.nii.gz")
+    out = tmp_path / "out"
+    proc = _bundle("run", "inferring", "--config_file", CONFIG, "--input", inp, "--model_dir", models,
+                   "--output_dir", out, *SMALL, check=False)
+    assert proc.returncode != 0
+    summary = json.loads((out / "inference_summary.json").read_text())
+    reasons = {Path(f["file"]).name: f["reason"] for f in summary["failed"]}
+    assert set(reasons) == {"scan.nii", "scan.nii.gz"}
+    assert "scan_synthetic.nii.gz would also be written for" in reasons["scan.nii"]
+    assert not (out / "scan_synthetic.nii.gz").exists() and (out / "other_synthetic.nii.gz").exists()
+    assert [Path(f).name for f in summary["synthesised"]] == ["other.nii.gz"]
+
+
+@pytest.mark.parametrize("ext", ["nii", "nii.gz", "mha", "nrrd"])
+def test_every_screened_format_is_readable_by_the_inference_pipeline(tmp_path, ext):
+    """Issue 10, item 8: what the screening accepts, the config's loader reads (same array and geometry)."""
+    import SimpleITK as sitk
+
+    from custom_components.inference import screen_inputs
+
+    data, affine = _volume(tmp_path / "ref.nii.gz")
+    path = tmp_path / f"scan.{ext}"
+    sitk.WriteImage(sitk.ReadImage(str(tmp_path / "ref.nii.gz")), str(path))
+    screened = screen_inputs([{"source": str(path)}], str(tmp_path / "out"))
+    assert screened.failed == [] and len(screened.items) == 1
+    parser = ConfigParser()
+    parser.read_config(str(CONFIG))
+    loaded = parser.get_parsed_content("preprocessing").transforms[0]({"source": str(path)})["source"]
+    assert tuple(loaded.shape) == (1, *data.shape)
+    np.testing.assert_allclose(loaded[0].numpy(), data, rtol=1e-6)
+    np.testing.assert_allclose(loaded.affine.numpy(), affine, atol=1e-4)
 
 
 def test_torchscript_export_matches_eager_and_net_in_out_verifies(models, tmp_path):
@@ -128,3 +200,30 @@ def test_torchscript_export_matches_eager_and_net_in_out_verifies(models, tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), eager(x), atol=1e-5, rtol=1e-5)
     _bundle("verify_net_in_out", "network_def", "--meta_file", META, "--config_file", CONFIG, *SMALL[:2])
+
+
+def test_bad_model_files_name_the_file_and_what_was_expected(models, tmp_path):
+    """Issue 10, item 12: empty, truncated, 3D-for-2D and wrong-size weights."""
+    from custom_components.inference import load_weights
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIG))
+    parser.update({"generator_channels": [4, 8, 16, 16], "device": "cpu"})
+    net = parser.get_parsed_content("network_def")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=f"generator weights '{empty}' are an empty file"):
+        load_weights(net, empty)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes((models / "model.pt").read_bytes()[:500])
+    with pytest.raises(ValueError, match=f"'{cut}' \\(500 bytes\\) cannot be loaded, the file is truncated"):
+        load_weights(net, cut)
+    parser.update({"spatial_dims": 3})
+    torch.save(parser.get_parsed_content("network_def", instantiate=True, lazy=False).state_dict(), tmp_path / "3d.pt")
+    with pytest.raises(ValueError, match="hold a 3D model, but the config builds a 2D network: use --spatial_dims 3"):
+        load_weights(net, tmp_path / "3d.pt")
+    parser.update({"spatial_dims": 2, "generator_channels": [8, 8, 16, 16]})
+    torch.save(parser.get_parsed_content("network_def", lazy=False).state_dict(), tmp_path / "wide.pt")
+    with pytest.raises(ValueError, match=r"tensor\(s\) of another shape .*--generator_channels"):
+        load_weights(net, tmp_path / "wide.pt")
+    load_weights(net, models / "model.pt")

@@ -1,0 +1,64 @@
+"""Show the bundle's own error messages plainly instead of inside MONAI's config-evaluation traceback.
+
+``python -m monai.bundle run`` evaluates config expressions; an error raised by this package inside one arrives
+wrapped in ``RuntimeError: Failed to evaluate ConfigExpression`` with a long traceback through MONAI and ignite.
+:func:`report_errors_plainly` (first step of the configs' ``initialize``) installs an exception hook that prints
+the innermost error raised by this package first, as one message, and the full traceback only on request
+(environment variable ``SYNTHESIS_TRACEBACK=1``). Other errors are printed as Python always does.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from types import TracebackType
+
+__all__ = ["TRACEBACK_ENV", "format_project_error", "project_error", "report_errors_plainly"]
+
+TRACEBACK_ENV = "SYNTHESIS_TRACEBACK"
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _raised_here(exc: BaseException) -> tuple[str, int] | None:
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames and os.path.dirname(os.path.abspath(frames[-1].filename)) == _PACKAGE_DIR:
+        return os.path.basename(frames[-1].filename), frames[-1].lineno or 0
+    return None
+
+
+def project_error(exc: BaseException) -> BaseException | None:
+    """The innermost exception of ``exc``'s chain (``__cause__``/``__context__``) raised by this package, if any."""
+    found, seen = None, set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if _raised_here(exc):
+            found = exc
+        exc = exc.__cause__ or exc.__context__
+    return found
+
+
+def format_project_error(exc: BaseException) -> str | None:
+    """The plain report of ``exc`` if this package raised it (or something it wraps), else ``None``."""
+    err = project_error(exc)
+    if err is None:
+        return None
+    where = _raised_here(err)
+    return (f"ERROR ({type(err).__name__}): {err}\n"
+            f"(raised in custom_components/{where[0]}:{where[1]}; set {TRACEBACK_ENV}=1 for the full traceback)\n")
+
+
+def _hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    message = format_project_error(exc)
+    if message is None:
+        sys.__excepthook__(exc_type, exc, tb)
+        return
+    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        sys.__excepthook__(exc_type, exc, tb)
+    sys.stderr.write(message)
+    sys.stderr.flush()
+
+
+def report_errors_plainly() -> None:
+    """Install the exception hook for this process (idempotent)."""
+    sys.excepthook = _hook

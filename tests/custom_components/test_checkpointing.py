@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+
+from custom_components.checkpointing import (
+    AtomicCheckpointSaver,
+    AtomicDiskSaver,
+    BestMetricState,
+    ResumeError,
+    ResumeLoader,
+    latest_checkpoint,
+    record_run,
+)
+from custom_components.data import check_run_dirs, check_writable
+
+
+def _trainer_ckpt(path, iteration, epoch):
+    torch.save({"trainer": {"iteration": iteration, "epoch_length": iteration // epoch, "max_epochs": 9}}, path)
+
+
+def test_latest_checkpoint_is_chosen_by_stored_iteration_not_file_time(tmp_path):
+    for epoch in (1, 2, 3):
+        _trainer_ckpt(tmp_path / f"checkpoint_epoch={epoch}.pt", 2 * epoch, epoch)
+    _trainer_ckpt(tmp_path / "checkpoint_final.pt", 6, 3)
+    for i, name in enumerate(["checkpoint_final.pt", "checkpoint_epoch=3.pt", "checkpoint_epoch=2.pt",
+                              "checkpoint_epoch=1.pt"]):  # a copy reordered the times: epoch 1 looks newest
+        os.utime(tmp_path / name, (1000 + i, 1000 + i))
+    assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=3.pt")
+    (tmp_path / "checkpoint_epoch=9.pt").write_bytes(b"truncated")  # unreadable files are skipped
+    assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=3.pt")
+
+
+def test_keep_last_n_holds_across_resumes(tmp_path):
+    for epoch in (1, 2, 5, 6):  # left by earlier resumes that did not know about each other
+        _trainer_ckpt(tmp_path / f"checkpoint_epoch={epoch}.pt", 2 * epoch, epoch)
+    net = torch.nn.Linear(2, 1)
+    engine = Engine(lambda e, b: None)
+    saver = AtomicCheckpointSaver(str(tmp_path), {"net": net, "trainer": engine}, save_interval=1, n_saved=2)
+    loader = ResumeLoader(tmp_path, {"net": net, "trainer": engine}, saver=saver)
+    loader._restore_interval_record()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_epoch=*.pt")) == ["checkpoint_epoch=5.pt",
+                                                                              "checkpoint_epoch=6.pt"]
+    saver.attach(engine)
+    engine.state.epoch, engine.state.iteration = 6, 12
+    engine.run([0, 0], max_epochs=7)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_epoch=*.pt")) == ["checkpoint_epoch=6.pt",
+                                                                              "checkpoint_epoch=7.pt"]
+
+
+def _evaluator_with_scores(scores):
+    ev = Engine(lambda e, b: None)
+    ev.state.best_metric, ev.state.best_metric_epoch = -1, -1
+
+    @ev.on(Events.EPOCH_COMPLETED)
+    def _score(engine):
+        value = scores[engine.state.epoch - 1]
+        engine.state.metrics["val_psnr"] = value
+        if value > engine.state.best_metric:
+            engine.state.best_metric, engine.state.best_metric_epoch = value, engine.state.epoch
+
+    return ev
+
+
+def test_best_metric_and_best_model_survive_a_resume(tmp_path):
+    net = torch.nn.Linear(2, 1)
+    ev = _evaluator_with_scores([12.368])
+    saver = AtomicCheckpointSaver(str(tmp_path), {"model": net}, save_key_metric=True, key_metric_name="val_psnr",
+                                  key_metric_filename="model.pt")
+    saver.attach(ev)
+    ev.run([0], max_epochs=1)
+    state = BestMetricState(ev, [saver]).state_dict()
+    torch.save({"best_metric": state}, tmp_path / "ckpt.pt")
+    best_bytes = (tmp_path / "model.pt").read_bytes()
+
+    # resumed process: new objects, state read back with weights_only=True
+    torch.nn.init.constant_(net.weight, 5.0)
+    ev2 = _evaluator_with_scores([12.178, 12.5])
+    saver2 = AtomicCheckpointSaver(str(tmp_path), {"model": net}, save_key_metric=True, key_metric_name="val_psnr",
+                                   key_metric_filename="model.pt")
+    saver2.attach(ev2)
+    BestMetricState(ev2, [saver2]).load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True)["best_metric"])
+    assert ev2.state.best_metric == pytest.approx(12.368) and ev2.state.best_metric_epoch == 1
+    ev2.run([0], max_epochs=1)
+    assert (tmp_path / "model.pt").read_bytes() == best_bytes  # 12.178 is worse: the best model is kept
+    ev2.run([0], max_epochs=2)
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["weight"].eq(5.0).all()  # 12.5 is better
+
+
+def test_failed_run_writes_no_final_checkpoint_and_keeps_epoch_checkpoints(tmp_path):
+    net = torch.nn.Linear(2, 1)
+
+    def step(engine, batch):
+        if engine.state.iteration == 5:
+            with torch.no_grad():
+                net.weight.fill_(float("nan"))
+            raise FloatingPointError("diverged")
+
+    engine = Engine(step)
+    AtomicCheckpointSaver(str(tmp_path), {"net": net, "trainer": engine}, save_interval=1, n_saved=2,
+                          save_final=True, final_filename="checkpoint_final.pt").attach(engine)
+    with pytest.raises(FloatingPointError):
+        engine.run([0, 0], max_epochs=4)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt"]
+    state = torch.load(tmp_path / "checkpoint_epoch=2.pt", weights_only=True)
+    assert torch.isfinite(state["net"]["weight"]).all() and state["trainer"]["iteration"] == 4
+
+
+def test_interrupted_save_keeps_the_old_file_and_leaves_no_partial(tmp_path, monkeypatch):
+    saver = AtomicDiskSaver(tmp_path, "model.pt")
+    saver({"w": torch.ones(3)}, "ignored.pt")
+    saver.remove("ignored.pt")  # ignite removes the old best before saving the new one: must be a no-op
+    assert (tmp_path / "model.pt").is_file()
+
+    def killed(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        saver({"w": torch.zeros(3)}, "ignored.pt")
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["w"].eq(1).all()
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_resume_with_changed_options_is_refused_listing_them_or_applied(tmp_path):
+    options = {"lr_g": 0.001, "beta": 2.0, "epochs": 4}
+    record_run(tmp_path, options)
+    _trainer_ckpt(tmp_path / "checkpoint_epoch=2.pt", 4, 2)
+    record_run(tmp_path, dict(options, epochs=6), resume=True, epochs=6)  # more epochs: fine
+    with pytest.raises(ResumeError) as e:
+        record_run(tmp_path, dict(options, lr_g=1e6, beta=1.0), resume=True, epochs=6)
+    assert "2 option(s) differ" in str(e.value) and "lr_g: 0.001" in str(e.value) and "1000000.0 now" in str(e.value)
+    assert "beta: 2.0" in str(e.value) and "--apply_changes true" in str(e.value)
+    changes = record_run(tmp_path, dict(options, lr_g=1e-4), resume=True, apply_changes=True, epochs=6)
+    assert changes == ["lr_g: 0.001 in the checkpointed run, 0.0001 now"]
+    history = json.loads((tmp_path / "run_config.json").read_text())
+    assert [h["options"]["lr_g"] for h in history] == [0.001, 0.001, 0.0001]
+    assert history[-1]["resumed_from"] == {"file": "checkpoint_epoch=2.pt", "iteration": 4, "epoch": 2}
+    with pytest.raises(ResumeError, match="at epoch 2, and --epochs is 2: the run is finished"):
+        record_run(tmp_path, options, resume=True, epochs=2)
+
+
+def test_apply_changes_sets_the_new_learning_rate_on_the_restored_optimizer(tmp_path):
+    net = torch.nn.Linear(2, 1)
+    engine = Engine(lambda e, b: None)
+    engine.state.epoch, engine.state.iteration, engine.state.max_epochs, engine.state.epoch_length = 1, 2, 1, 2
+    old_opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    torch.save({"net": net.state_dict(), "opt": old_opt.state_dict(), "trainer": engine.state_dict()},
+               tmp_path / "checkpoint_epoch=1.pt")
+    new_opt = torch.optim.Adam(net.parameters(), lr=1e-5)
+    engine2 = Engine(lambda e, b: None)
+    engine2.state.max_epochs = 3
+    ResumeLoader(tmp_path, {"net": net, "opt": new_opt, "trainer": engine2})(engine2)
+    assert new_opt.param_groups[0]["lr"] == 1e-3  # restored as checkpointed
+    ResumeLoader(tmp_path, {"net": net, "opt": new_opt, "trainer": engine2}, apply_changes=True)(engine2)
+    assert new_opt.param_groups[0]["lr"] == 1e-5 and engine2.state.epoch == 1
+
+
+def test_unwritable_output_folders_are_named_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError) as e:
+        check_writable(output_dir=tmp_path / "ok", ckpt_dir=blocker / "ckpt", model_dir=blocker / "models")
+    msg = str(e.value)
+    assert f"--ckpt_dir {str(blocker / 'ckpt')!r} cannot be written" in msg and "--model_dir" in msg
+    assert "--output_dir" not in msg
+    with pytest.raises(PermissionError, match="--model_dir"):
+        check_run_dirs(tmp_path / "ckpt", blocker / "models" / "model.pt")
