@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "custom_components"
 WEIGHT_FILES = ("model.pt", "local_discriminator.pt")
 DOC_SUFFIXES = (".md", ".csv", ".txt", ".png", ".jpg")
+SERVING_MODULES = ("label_task",)  # not imported by the configs, used by the MONAI Label app (monailabel_app/)
 
 
 def _read_metadata(bundle_dir: Path) -> dict:
@@ -84,7 +85,7 @@ def check_weights(bundle_dir: str | Path, models_dir: str | Path | None = None) 
 
 def _runtime_modules(bundle_dir: Path, package_dir: Path) -> list[str]:
     """Modules of the package the configs import, with the package modules they import in turn."""
-    wanted = {"__init__"}
+    wanted = {"__init__", *SERVING_MODULES}
     for config in (bundle_dir / "configs").glob("*.json"):
         wanted.update(re.findall(rf"\b{PACKAGE}\.(\w+)", config.read_text()))
     wanted = {m for m in wanted if (package_dir / f"{m}.py").is_file()}
