@@ -219,3 +219,15 @@ def test_unzipped_release_runs_inference_without_the_repository(release, tmp_pat
         assert out.shape == src.shape and out.get_data_dtype() == np.float32
         np.testing.assert_allclose(out.affine, src.affine, atol=1e-5)
         assert np.isfinite(out.get_fdata()).all()
+
+
+@pytest.mark.slow
+def test_project_builds_as_a_wheel_with_the_runtime_modules(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp_path), str(ROOT)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("dual_attention_synthesis-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+    assert {f"custom_components/{m}.py" for m in ("__init__", "paths", "tracking", "weights", "label_task")} <= names
+    assert not any(n.startswith(("tests/", "bundle/")) for n in names)
