@@ -43,8 +43,11 @@ def synthesise(bundle_dir: str | os.PathLike, image: str | os.PathLike, output_d
     datalist.write_text(json.dumps({"test": [{"subject": image.name.split(".")[0], "source": str(image)}]}))
     parser = ConfigParser()
     parser.read_config(str(bundle_dir / "configs" / "inference.json"))
+    # data_root_dir: the outputs' sub-folders are taken relative to it, so the image's own folder puts them
+    # directly in output_dir (never next to the source)
     parser.update({"bundle_root": str(bundle_dir), "input": str(datalist), "datalist_section": "test",
-                   "output_dir": str(output_dir), "overwrite": True, **(overrides or {})})
+                   "output_dir": str(output_dir), "data_root_dir": str(image.parent), "overwrite": True,
+                   **(overrides or {})})
     inputs = parser.get_parsed_content("inputs")
     if inputs.failed:
         raise ValueError(f"{image}: {inputs.failed[0]['reason']}")
@@ -53,7 +56,7 @@ def synthesise(bundle_dir: str | os.PathLike, image: str | os.PathLike, output_d
     files = {"synthetic": output_path(str(image), str(output_dir), "synthetic", root)}
     if parser.get_parsed_content("save_confidence"):
         files["confidence"] = output_path(str(image), str(output_dir), "confidence", root)
-    missing = [f for f in files.values() if not os.path.isfile(f)]
+    missing = [f for f in files.values() if not os.path.isfile(f) or Path(f).parent != output_dir]
     if missing:
         raise RuntimeError(f"inference of {image} did not write {missing}.")
     return files

@@ -73,6 +73,7 @@ def test_task_returns_float32_synthesis_in_source_geometry_equal_to_the_bundle_c
     task = SynthesisTask(bundle, "synthetic", overrides=SMALL)
     assert task.is_valid() and task.info()["type"] == "others"
     result, info = task({"image": str(path)})
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # nothing written next to the source
     img = nib.load(result)
     assert img.get_data_dtype() == np.float32 and img.shape == data.shape
     np.testing.assert_allclose(img.affine, affine, atol=1e-5)
