@@ -102,7 +102,11 @@ def test_metadata_names_only_packages_an_index_has_and_covers_the_runtime_import
     stdlib = set(sys.stdlib_module_names)
     imported = set()
     for file in (folder / "custom_components").glob("*.py"):
-        for node in ast.walk(ast.parse(file.read_text())):
+        tree = ast.parse(file.read_text())
+        optional = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) for s in t.body for n in ast.walk(s)}
+        for node in ast.walk(tree):
+            if id(node) in optional:  # `try: import x / except ImportError`: an optional extra
+                continue
             if isinstance(node, ast.Import):
                 imported |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
