@@ -171,21 +171,11 @@ def load_pretrained(network: torch.nn.Module, path: str | None) -> torch.nn.Modu
     """Initialise ``network`` from a saved state dict (e.g. a plain UNet's ``model.pt``); ``None`` does nothing.
 
     Used to start the adversarial training from a generator trained with the plain voxel loss: the difficulty-aware
-    attention only has hard regions to find once G renders the easy ones well. Loaded with ``weights_only=True``.
+    attention only has hard regions to find once G renders the easy ones well. Loaded with ``weights_only=True`` and
+    checked as inference checks its weights (:func:`custom_components.inference.load_weights`).
     """
     if path in (None, "", "none", "None"):
         return network
-    import os
+    from .inference import load_weights
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained weights {path!r} do not exist (option pretrained_generator).")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - name the file whatever the reader's failure
-        raise ValueError(f"pretrained weights {path!r} cannot be read as a state dict: {type(e).__name__}: {e}") from e
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"pretrained weights {path!r} do not fit the generator defined by network_def "
-                         f"(check generator_channels and spatial_dims): {str(e).splitlines()[0]}") from e
-    return network
+    return load_weights(network, path, "cpu", role="pretrained generator", option="pretrained_generator")

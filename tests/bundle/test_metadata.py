@@ -39,3 +39,14 @@ def test_train_config_exposes_the_contract_ids():
                 "lambda_adv_global", "lambda_adv_local", "n_critic", "lr_g", "lr_d1", "lr_d2", "seed", "training", "run",
                 "initialize"]
     assert [k for k in required if k not in config] == []
+
+
+def test_metadata_names_the_release_and_lists_only_published_packages():
+    meta = json.loads((ROOT / "bundle/configs/metadata.json").read_text())
+    assert meta["name"] == "dual_attention_synthesis"
+    assert meta["version"] in meta["changelog"]
+    # the project's own package is shipped inside the release, not installed from an index
+    assert "dual-attention-synthesis" not in meta["required_packages_version"]
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    assert {k: v for k, v in meta["required_packages_version"].items() if pins.get(k) != v} == {}
