@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.inferers import SliceInferer
 from monai.utils import StrEnum
 
@@ -54,7 +55,8 @@ class WholeSliceInferer(SliceInferer):
     Each batch of slices is zero-padded at the high end of H and W to the next multiple of ``divisor`` (the
     product of the network's strides, so every down-sampling divides evenly), run through the network and
     cropped back, so the output has the input's spatial size. MONAI's ``SliceInferer`` with a window as large as
-    the slice does the slicing and reassembly; a ``MetaTensor`` input keeps its affine and metadata.
+    the slice does the slicing and reassembly; a ``MetaTensor`` input keeps its affine and metadata (the network
+    itself gets plain tensors, so no metadata is tracked through its layers).
 
     Args:
         sw_batch_size: slices per network call.
@@ -81,6 +83,8 @@ class WholeSliceInferer(SliceInferer):
 
     def _padded(self, network: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``network`` on ``x`` (N, C, H, W) padded to multiples of ``divisor``, cropped back to H, W."""
+        if isinstance(x, MetaTensor):  # metadata is restored on the whole volume; per-op tracking only costs time
+            x = x.as_tensor()
         h, w = x.shape[-2:]
         ph, pw = -h % self.divisor, -w % self.divisor
         if ph or pw:

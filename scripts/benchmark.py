@@ -23,7 +23,7 @@ Example::
 
     python scripts/benchmark.py --real_size --levers --output benchmark_real.json
     python scripts/benchmark.py --steps 10 --overrides "{'gp_interval': 4}"
-    python scripts/benchmark.py --widths shipped --no-three_d --no-memory --ttq_psnr 18
+    python scripts/benchmark.py --widths shipped --nothree_d --nomemory --ttq_psnr 18  # fire negates with --no
 """
 
 from __future__ import annotations

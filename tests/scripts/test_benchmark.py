@@ -24,7 +24,7 @@ def test_benchmark_reports_every_measure(tmp_path):
     proc = subprocess.run(
         [sys.executable, "scripts/benchmark.py", "--steps", "2", "--warmup", "1", "--dataset_dir", str(tmp_path / "ph"),
          "--output", str(out), "--data_epochs", "1", "--inference_repeats", "1", "--variants", "unet,dual_attention",
-         "--widths", "shipped", "--no-three_d", "--data_workers", "0", "--ttq_psnr", "3", "--ttq_max_epochs", "1", "--ttq_dataset_dir", str(tmp_path / "ph"),
+         "--widths", "shipped", "--nothree_d", "--data_workers", "0", "--ttq_psnr", "3", "--ttq_max_epochs", "1", "--ttq_dataset_dir", str(tmp_path / "ph"),
          "--overrides", TINY],
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
