@@ -158,10 +158,11 @@ def test_properties_complete_and_bundle_root_follows_the_configs(where, release,
     infer = ConfigWorkflow(config_file=f"{configs}/inference.json", meta_file=f"{configs}/metadata.json",
                            logging_file=False, workflow_type="infer", dataset_dir=str(data),
                            output_dir=str(tmp_path / "out"))
-    assert Path(infer.parser.get_parsed_content("model_path")) == folder.resolve() / "models" / "model.pt"
+    assert infer.parser["model_dir"] == "$@bundle_root + '/models'"  # the shipped weights, wherever the bundle is
     infer.parser["model_dir"] = str(release.parent / "dual_attention_synthesis" / "models")  # weights to parse with
     infer.initialize()
     assert infer.check_properties() == []
+    assert Path(infer.bundle_root) == folder.resolve()
     default_data = ConfigParser.load_config_file(str(folder / "configs" / "train.json"))
     parser = ConfigParser(default_data)
     parser["bundle_root"] = str(folder.resolve())
