@@ -508,9 +508,10 @@ def _updated_note(trainer: DualAttentionTrainer) -> str:
     done = record[1] if record is not None and record[0] == trainer.state.iteration else []
     if not done:
         return "No network was updated in this iteration; all keep the weights of the previous iteration."
-    return (f"Already updated in this iteration: {', '.join(done)}; the weights in memory are not saved. The last "
-            "good weights are the latest epoch checkpoint; resume from it with a lower learning rate "
-            "('--resume true --apply_changes true --lr_g ...').")
+    return (f"Already updated in this iteration: {', '.join(done)}; the weights in memory are not saved. The "
+            "last good weights are in the latest epoch checkpoint, if one was written (none in epoch 1): resume "
+            "from it with a lower learning rate ('--resume true --apply_changes true --lr_g ...'), or start again "
+            "with one.")
 
 
 def _nonfinite_tensors(net: torch.nn.Module) -> list[str]:
