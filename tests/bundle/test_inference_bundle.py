@@ -179,7 +179,8 @@ def test_every_screened_format_is_readable_by_the_inference_pipeline(tmp_path, e
     assert screened.failed == [] and len(screened.items) == 1
     parser = ConfigParser()
     parser.read_config(str(CONFIG))
-    loaded = parser.get_parsed_content("preprocessing").transforms[0]({"source": str(path)})["source"]
+    loader = next(t for t in parser.get_parsed_content("preprocessing").transforms if "Load" in type(t).__name__)
+    loaded = loader({"source": str(path)})["source"]
     assert tuple(loaded.shape) == (1, *data.shape)
     np.testing.assert_allclose(loaded[0].numpy(), data, rtol=1e-6)
     np.testing.assert_allclose(loaded.affine.numpy(), affine, atol=1e-4)

@@ -56,8 +56,7 @@ def test_networks_are_loaded_by_their_definition_without_initialize(bundle):
     saved = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert all(torch.equal(v, saved[k]) for k, v in network.state_dict().items())
     assert not network.training
-    post = parser.get_parsed_content("postprocessing")
-    local_d = post.transforms[0].network
+    local_d = parser.get_parsed_content("postprocessing#transforms#0").network  # ConfidenceMapd
     saved_d = torch.load(bundle / "models" / "local_discriminator.pt", weights_only=True)
     assert all(torch.equal(v, saved_d[k]) for k, v in local_d.state_dict().items())
 
