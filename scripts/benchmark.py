@@ -72,7 +72,9 @@ def _parser(overrides: dict[str, Any]):
 
 def _config_trainer(overrides: dict[str, Any], variant: str, batches: list, **trainer_overrides: Any):
     """``train#trainer`` of the shipped config with ``variant``, no handlers, iterating over ``batches``."""
-    p = _parser({**overrides, "variant": variant, "epochs": 1, "train#trainer#train_data_loader": "$[]",
+    # adversarial_warmup 0: every timed step is a step of the variant (the shipped warm-up trains G alone first)
+    p = _parser({"adversarial_warmup": 0, **overrides, "variant": variant, "epochs": 1,
+                 "train#trainer#train_data_loader": "$[]",
                  "train#trainer#train_handlers": [], "train#trainer#epoch_length": len(batches),
                  **{f"train#trainer#{k}": v for k, v in trainer_overrides.items()}})
     trainer = p.get_parsed_content("train#trainer")
@@ -255,7 +257,7 @@ def _time_to_quality(overrides: dict[str, Any], psnr: float, max_epochs: int) ->
         ensure_phantom(p.get_parsed_content("dataset_dir"), **p.get_parsed_content("phantom"))
     for variant in ("unet", "dual_attention"):
         with tempfile.TemporaryDirectory() as tmp:
-            p = _parser({**overrides, "variant": variant, "epochs": max_epochs, "val_interval": 1,
+            p = _parser({"adversarial_warmup": 0, **overrides, "variant": variant, "epochs": max_epochs, "val_interval": 1,
                          "output_dir": tmp, "model_dir": tmp,
                          "train#trainer#train_handlers": "$[@train#handlers[0]]"})  # the validation handler only
             trainer, evaluator = p.get_parsed_content("train#trainer"), p.get_parsed_content("validate#evaluator")

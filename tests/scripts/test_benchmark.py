@@ -12,7 +12,7 @@ from custom_components.phantom import ensure_phantom
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ("{'patch_size':[32,32],'generator_channels':[8,16,32,64],'local_channels':[8,8,16,16],'batch_size':1,"
-        "'samples_per_volume':2,'make_phantom':False}")
+        "'samples_per_volume':2,'make_phantom':False,'adversarial_warmup':0}")
 
 
 @pytest.mark.slow
