@@ -16,3 +16,20 @@ from .trainer import (
 )
 
 __version__ = "0.1.0"
+
+# Sub-modules load on first attribute access, so a config expression such as
+# ``$custom_components.tracking.with_tracking(...)`` works under any config overlay, whatever its ``imports`` list holds
+# (an overlay's list replaces train.json's), without importing optional dependencies up front.
+_SUBMODULES = frozenset({
+    "checkpointing", "data", "errors", "evaluation", "handlers", "inference", "inferers", "label_task", "losses",
+    "metrics", "networks", "paths", "phantom", "prepare", "readers", "schedules", "tracking", "trainer", "transforms",
+    "weights",
+})
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,5 +10,5 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch first, pinned to the CPU build, so no dependency resolution can pull a CUDA build
 .venv/bin/python -m pip install --quiet -c constraints.txt torch
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test]"
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test,tracking,tune]"
 .venv/bin/python -c "import torch, monai, ignite, custom_components; print(f'torch {torch.__version__}, monai {monai.__version__}, ignite {ignite.__version__}: ready')"

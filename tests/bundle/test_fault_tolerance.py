@@ -20,7 +20,8 @@ from custom_components.phantom import ensure_phantom
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 SMALL = ["--make_phantom", "false", "--adversarial_warmup", "0", "--patch_size", "[32,32]", "--generator_channels", "[8,16,32,64]",
-         "--local_channels", "[8,8,16,16]", "--batch_size", "1", "--samples_per_volume", "2", "--log_every", "1"]
+         "--local_channels", "[8,8,16,16]", "--batch_size", "1", "--samples_per_volume", "2", "--log_every", "1",
+         "--lr_schedule", "constant"]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,8 @@ def test_ddp_two_cpu_processes_keep_identical_weights_and_only_rank0_writes(phan
     writers = {p.name.split(".")[-2] for p in run.glob("events.out.tfevents.*")}
     assert len(writers) == 1, writers
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt", "checkpoint_final.pt"]
+        "checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt", "checkpoint_final.pt", "run_config.json"]
+    assert len(json.loads((run / "checkpoints" / "run_config.json").read_text())) == 1  # written once, by rank 0
     state = torch.load(run / "checkpoints" / "checkpoint_final.pt", weights_only=True)
     assert state["trainer"]["iteration"] == 2 * 2  # 4 subjects over 2 ranks, batch 1: 2 iterations per epoch
     assert (tmp_path / "models" / "model.pt").is_file()
@@ -154,7 +156,7 @@ def test_resume_keeps_best_model_last_n_checkpoints_and_checks_options(phantom, 
 
 KILL_ARGS = ["--make_phantom", "false", "--adversarial_warmup", "0", "--patch_size", "[16,16]", "--generator_channels", "[4,8,8,8]",
              "--local_channels", "[4,4,4,4]", "--batch_size", "1", "--samples_per_volume", "1", "--log_every", "1",
-             "--val_interval", "1", "--cache_rate", "1.0"]
+             "--val_interval", "1", "--cache_rate", "1.0", "--lr_schedule", "constant"]
 
 
 def test_random_sigkills_lose_nothing(tmp_path_factory, tmp_path):
@@ -171,6 +173,9 @@ def test_random_sigkills_lose_nothing(tmp_path_factory, tmp_path):
     rng, kills, runs = random.Random(0), 0, 0
     while True:
         has_ckpt = any(ckpt.glob("checkpoint_*.pt"))
+        done = max((int(re.search(r"=(\d+)", p.name).group(1)) for p in ckpt.glob("checkpoint_epoch=*.pt")), default=0)
+        if done >= epochs:  # killed after the last epoch's save: a resume would be refused as finished, so go on
+            epochs += 10
         cmd = base + ["--epochs", str(epochs)] + (["--resume", "true"] if has_ckpt else ["--overwrite", "true"])
         log_file = tmp_path / f"log{runs}.txt"
         runs += 1
