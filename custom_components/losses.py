@@ -23,6 +23,32 @@ class AttentionNorm(StrEnum):
     MEAN = "mean"  # divide F by its mean over each sample, so the loss keeps the scale of plain L1/L2
 
 
+class AttentionSource(StrEnum):
+    """Which map F = (1 - M)^beta is computed from."""
+
+    CONFIDENCE = "confidence"  # M = sigmoid(D2(G(X))), the paper's method
+    ERROR = "error"  # an oracle M from the true error |Y - G(X)| (a diagnostic for the ablation, not a method)
+
+
+def error_confidence(fake: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """An oracle confidence map 1 - e / max(e) with e = |Y - G(X)| (channel mean), per sample, detached.
+
+    It is what a perfect local discriminator's M would rank: lowest where G's error is largest. Training with it
+    (``attention_source: "error"``) measures how much the difficulty-aware attention could give if M pointed at the
+    errors exactly; it needs the target, so it exists for training-time ablations only.
+
+    Args:
+        fake: G(X), shape (B, C, H, W[, D]).
+        target: Y, the same shape.
+        eps: floor of the per-sample maximum error.
+    """
+    if fake.shape != target.shape:
+        raise ValueError(f"fake and target must have the same shape, got {tuple(fake.shape)} and {tuple(target.shape)}.")
+    err = (target.detach().float() - fake.detach().float()).abs().mean(dim=1, keepdim=True)
+    peak = err.amax(dim=tuple(range(1, err.ndim)), keepdim=True).clamp(min=eps)
+    return 1.0 - err / peak
+
+
 def confidence_map(logits: torch.Tensor) -> torch.Tensor:
     """Confidence map M = sigmoid(D2(G(X))) in [0, 1] (paper section 2.3).
 

@@ -16,7 +16,15 @@ from monai.utils.enums import CommonKeys
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from .losses import AttentionNorm, DifficultyAwareLoss, GradientPenalty, attention_weight, confidence_map
+from .losses import (
+    AttentionNorm,
+    AttentionSource,
+    DifficultyAwareLoss,
+    GradientPenalty,
+    attention_weight,
+    confidence_map,
+    error_confidence,
+)
 
 __all__ = [
     "DualAttentionKeys",
@@ -69,7 +77,7 @@ def uses_local_discriminator(variant: Variant | str) -> bool:
 def validate_hyperparameters(variant: str = "dual_attention", beta: float = 2.0, p: int = 1, lambda_gp: float = 10.0,
                              lambda_adv_global: float = 0.01, lambda_adv_local: float = 0.05, n_critic: int = 1,
                              attention_warmup: int = 0, attention_norm: str = "none", attention_floor: float = 0.0,
-                             fresh_batches: str = "none", **_: Any) -> None:
+                             fresh_batches: str = "none", attention_source: str = "confidence", **_: Any) -> None:
     """Raise a ``ValueError`` naming the first bad training option (called from the bundle's ``initialize``)."""
     _variant(variant)
     if not isinstance(beta, (int, float)) or beta < 0:
@@ -92,6 +100,12 @@ def validate_hyperparameters(variant: str = "dual_attention", beta: float = 2.0,
         ) from None
     if not isinstance(attention_floor, (int, float)) or not 0.0 <= attention_floor <= 1.0:
         raise ValueError(f"attention_floor must be a number in [0, 1], got {attention_floor!r}.")
+    try:
+        AttentionSource(attention_source)
+    except ValueError:
+        raise ValueError(
+            f"attention_source must be one of {[a.value for a in AttentionSource]}, got {attention_source!r}."
+        ) from None
     try:
         FreshBatches(fresh_batches)
     except ValueError:
@@ -199,6 +213,10 @@ class DualAttentionTrainer(Trainer):
             the easy ones well. Same as starting from a pretrained UNet, in one run.
         attention_norm: ``"none"`` (the paper) or ``"mean"`` (F divided by its per-sample mean).
         attention_floor: alpha in [0, 1]; F becomes alpha + (1 - alpha) F (0 = the paper).
+        attention_source: ``"confidence"`` (the paper: F from D2's M) or ``"error"``, a diagnostic oracle that builds
+            M from the true error |Y - G(X)| (:func:`custom_components.losses.error_confidence`); D2 still trains and
+            still gives L_ADV2, only F's map changes, so the ablation can tell "M points at the wrong voxels" from
+            "weighting the voxel loss cannot help here".
         local_conditional: D2 judges the pair (X, image) instead of the image alone; D2 then needs
             ``2 * in_channels`` input channels (source first).
         fresh_batches: ``"none"``, ``"generator"`` (the paper) or ``"all"``, see :class:`FreshBatches`.
@@ -240,6 +258,7 @@ class DualAttentionTrainer(Trainer):
         adversarial_warmup: int = 0,
         local_conditional: bool = False,
         fresh_batches: FreshBatches | str = FreshBatches.NONE,
+        attention_source: AttentionSource | str = AttentionSource.CONFIDENCE,
         epoch_length: int | None = None,
         non_blocking: bool = False,
         prepare_batch: Callable = default_prepare_batch,
@@ -251,7 +270,7 @@ class DualAttentionTrainer(Trainer):
         to_kwargs: dict | None = None,
     ) -> None:
         validate_hyperparameters(variant, beta, p, lambda_gp, lambda_adv_global, lambda_adv_local, n_critic,
-                                 attention_warmup, attention_norm, attention_floor, fresh_batches)
+                                 attention_warmup, attention_norm, attention_floor, fresh_batches, attention_source)
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}.")
         if precision == "fp16" and torch.device(device).type != "cuda":
@@ -287,6 +306,7 @@ class DualAttentionTrainer(Trainer):
         self.beta, self.attention_norm = float(beta), AttentionNorm(attention_norm)
         self.attention_warmup, self.attention_floor = attention_warmup, float(attention_floor)
         self.local_conditional = bool(local_conditional)
+        self.attention_source = AttentionSource(attention_source)
         self.adversarial_warmup = adversarial_warmup
         self.fresh_batches = FreshBatches(fresh_batches)
         self._extra_batches: Any = None
@@ -447,6 +467,8 @@ class DualAttentionTrainer(Trainer):
                 out[keys.CONFIDENCE_MEAN] = confidence.mean().item()
                 out[keys.CONFIDENCE] = confidence
                 if self.attention_active(self.state.iteration):
+                    if self.attention_source == AttentionSource.ERROR:
+                        confidence = error_confidence(fake, target)
                     weight = attention_weight(confidence, self.beta, self.attention_norm, self.attention_floor)
             if critic_m is not None:
                 loss_adv_global = -critic_m(fake).float().mean()  # Eq. 3

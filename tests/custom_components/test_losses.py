@@ -114,3 +114,19 @@ def test_gradient_penalty_interpolates_per_sample():
     alphas = critic.seen.flatten(1)
     assert torch.allclose(alphas, alphas[:, :1].expand_as(alphas))  # one coefficient per sample
     assert len(set(alphas[:, 0].tolist())) == 4  # different between samples
+
+
+def test_error_confidence_is_lowest_where_the_error_is_largest():
+    from custom_components.losses import error_confidence
+
+    target = torch.zeros(2, 1, 4, 4)
+    fake = torch.zeros(2, 1, 4, 4)
+    fake[0, 0, 1, 2] = 0.5
+    fake[0, 0, 3, 3] = -0.25
+    fake[1, 0, 0, 0] = 2.0
+    m = error_confidence(fake, target)
+    assert m.shape == target.shape and float(m.min()) == 0.0 and float(m.max()) == 1.0
+    assert m[0, 0, 1, 2] == 0.0 and m[0, 0, 3, 3] == pytest.approx(0.5) and m[1, 0, 0, 0] == 0.0
+    assert m[0, 0, 0, 0] == 1.0  # no error, full confidence
+    with pytest.raises(ValueError, match="same shape"):
+        error_confidence(fake, target[:, :, :2])

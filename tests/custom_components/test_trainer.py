@@ -367,3 +367,29 @@ def test_adversarial_warmup_trains_only_the_generator_first():
     assert _changed(d1, before["d1"]) and _changed(d2, before["d2"])
     assert "loss_local_d" in outputs[-1] and "loss_critic" in outputs[-1]
     assert outputs[-1]["attention_mean"] != 1.0
+
+
+def test_error_source_weights_the_voxel_loss_by_the_true_error():
+    """attention_source 'error' (the ablation's oracle): F = (e / max e)^beta, e = |Y - G(X)|, normalised by its mean."""
+    trainer, g, _, d2 = _make("dual_attention", beta=2.0, attention_norm="mean", attention_source="error",
+                              lambda_adv_global=0.0, lambda_adv_local=0.0)
+    source, target = _fixed_batch()
+    with torch.no_grad():
+        g.train()
+        fake = g(source)
+    err = (target - fake).abs()
+    f = (err / err.amax(dim=(1, 2, 3), keepdim=True)) ** 2
+    f = f / f.mean(dim=(1, 2, 3), keepdim=True)
+    expected = float((f * err).mean())
+    trainer.state.iteration = 1
+    out = trainer.generator_step(source, target)
+    assert out[DualAttentionKeys.RECON] == pytest.approx(expected, rel=1e-4)
+    # the voxels with the largest error weigh most: the weighted loss exceeds plain L1
+    assert out[DualAttentionKeys.RECON] > float(err.mean()) * 1.05
+    # D2's own map is still reported (and still trains D2), only F's map changed
+    assert DualAttentionKeys.CONFIDENCE_MEAN in out
+
+
+def test_unknown_attention_source_is_refused():
+    with pytest.raises(ValueError, match="attention_source must be one of"):
+        _make("dual_attention", attention_source="tumour")
