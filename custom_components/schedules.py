@@ -65,6 +65,9 @@ class DelayedValidationHandler:
 
     With an adversarial warm-up, the generator of the warm-up is a plain UNet: validating (and saving the best
     model) only afterwards makes sure ``model.pt`` comes from the adversarial phase of the method being trained.
+    The delay is dropped (validation from the first interval) when there is no adversarial phase to wait for: a
+    run that ends at or before ``start_iteration`` (e.g. ``--epochs 100`` with the default warm-up), and a trainer
+    without discriminators (``variant: unet``). Otherwise such a run would never validate and never save a model.
 
     Args:
         validator: the evaluator (e.g. MONAI ``SupervisedEvaluator``).
@@ -75,11 +78,19 @@ class DelayedValidationHandler:
     def __init__(self, validator: Engine, interval: int = 1, start_iteration: int = 0) -> None:
         if interval < 1:
             raise ValueError(f"interval must be >= 1, got {interval!r}.")
+        if start_iteration < 0:
+            raise ValueError(f"start_iteration must be >= 0, got {start_iteration!r}.")
         self.validator, self.interval, self.start_iteration = validator, int(interval), int(start_iteration)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
+    def effective_start(self, engine: Engine) -> int:
+        """``start_iteration``, or 0 when the run has no adversarial phase after it (see the class docstring)."""
+        total = (engine.state.max_epochs or 0) * (engine.state.epoch_length or 0)
+        no_discriminator = all(getattr(engine, n, object()) is None for n in ("global_critic", "local_discriminator"))
+        return 0 if total <= self.start_iteration or no_discriminator else self.start_iteration
+
     def __call__(self, engine: Engine) -> None:
-        if engine.state.epoch % self.interval == 0 and engine.state.iteration > self.start_iteration:
+        if engine.state.epoch % self.interval == 0 and engine.state.iteration > self.effective_start(engine):
             self.validator.run(engine.state.epoch)

@@ -78,6 +78,13 @@ def test_every_variant_trains_through_the_bundle(phantom, tmp_path, variant):
     assert ("local_discriminator" in state) == (variant in ("local", "dual"))
 
 
+def test_a_run_shorter_than_the_adversarial_warmup_still_saves_its_best_model(phantom, tmp_path):
+    """The shipped warm-up is 1920 iterations: a 2-epoch run never leaves it, validates anyway and writes model.pt."""
+    proc = _run(phantom, tmp_path, "--epochs", "2", "--adversarial_warmup", "1920")
+    assert "val_psnr" in proc.stdout + proc.stderr
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
 def test_3d_patches_train_with_tumour_and_error_oversampling(phantom, tmp_path):
     proc = _run(phantom, tmp_path, "--epochs", "2", "--spatial_dims", "3", "--patch_size", "[16,16,16]",
                 "--generator_channels", "[4,8,16,16]", "--local_channels", "[4,4,8,8]", "--tumour_weight", "4",

@@ -53,3 +53,30 @@ def test_delayed_validation_runs_only_after_the_warmup_every_interval():
     DelayedValidationHandler(validator, interval=2, start_iteration=9).attach(trainer)
     trainer.run(range(3), max_epochs=8)  # 3 iterations per epoch; epoch 3 ends at iteration 9
     assert validated == [4, 6, 8]
+
+
+def _validated_epochs(start_iteration, max_epochs, **trainer_attrs):
+    from custom_components.schedules import DelayedValidationHandler
+
+    validated = []
+    validator = Engine(lambda e, b: None)
+    validator.run = lambda epoch: validated.append(epoch)
+    trainer = Engine(lambda e, b: None)
+    for name, value in trainer_attrs.items():
+        setattr(trainer, name, value)
+    DelayedValidationHandler(validator, interval=2, start_iteration=start_iteration).attach(trainer)
+    trainer.run(range(3), max_epochs=max_epochs)
+    return validated
+
+
+def test_a_run_that_ends_within_the_warmup_still_validates():
+    """240 epochs with a 1920-iteration warm-up (8 per epoch) never reached the adversarial phase and saved no
+    model.pt at all; such a run is a plain UNet and validates from the start."""
+    assert _validated_epochs(9, 3) == [2]  # 9 iterations in all = the warm-up
+    assert _validated_epochs(100, 6) == [2, 4, 6]
+    assert _validated_epochs(9, 8) == [4, 6, 8]  # longer than the warm-up: delayed as before
+
+
+def test_a_trainer_without_discriminators_is_not_delayed():
+    assert _validated_epochs(9, 8, global_critic=None, local_discriminator=None) == [2, 4, 6, 8]
+    assert _validated_epochs(9, 8, global_critic=None, local_discriminator=object()) == [4, 6, 8]
