@@ -75,8 +75,8 @@ def run_arm(name: str, overrides: dict, seed: int, output_dir: Path, common: dic
         (run_dir / "train_time.json").write_text(json.dumps({"seconds": time.perf_counter() - start,
                                                              "threads": workers_threads}))
         evaluate = base + ["evaluating", "--config_file", "['bundle/configs/train.json','bundle/configs/evaluate.json']",
-                           "--overwrite", "true", "--figures", "false", "--eval_section", eval_section] + args
-        evaluate[evaluate.index("--output_dir") + 1] = str(run_dir / "eval")
+                           "--overwrite", "true", "--figures", "false", "--eval_section", eval_section,
+                           "--eval_dir", str(run_dir / "eval")] + args
         print(f"[ablation] {name} seed {seed}: evaluating", flush=True)
         subprocess.run(evaluate, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, check=True)
     return run_dir
