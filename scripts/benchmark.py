@@ -151,6 +151,31 @@ def _timed_row(overrides: dict[str, Any], variant: str, batches: list, warmup: i
         torch.set_num_threads(threads)
 
 
+def _step_rows(name: str, overrides: dict[str, Any], variants: list[str], batch: dict, steps: int, warmup: int,
+               memory_budget_mb: float | None = None) -> list[dict[str, Any]]:
+    """One row per variant: mean step time on ``batch`` (``steps`` timed after ``warmup``) and its ratio to ``unet``.
+
+    ``variants`` must include ``unet`` (the reference); ``memory_budget_mb`` adds each row's peak memory (subprocess).
+    """
+    import torch
+
+    batches = [batch] * (steps + warmup)
+    n = int(batch["source"].shape[0])
+    generator = list(_parser(overrides).get_parsed_content("generator_channels"))
+    rows = []
+    for variant in variants:
+        step = _timed_row(overrides, variant, batches, warmup)
+        rows.append({"rows": name, "variant": variant, "generator": generator, "patch": list(batch["source"].shape[2:]),
+                     "batch": n, "threads": torch.get_num_threads(), "step_s": step, "patches_per_s": n / step,
+                     "overrides": overrides})
+        if memory_budget_mb is not None:
+            rows[-1]["memory"] = _memory_row(overrides, variant, n, memory_budget_mb)
+    unet_s = next(r["step_s"] for r in rows if r["variant"] == "unet")
+    for r in rows:
+        r["ratio_to_unet"] = r["step_s"] / unet_s
+    return rows
+
+
 def _peak_mb() -> float:
     import resource
 
@@ -381,22 +406,10 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple = VARIANTS, ove
     print(f"[benchmark] stage done: {sorted(results)}", file=sys.stderr, flush=True)
     # 3. training step per variant: one real batch of each row set, the same for every variant of the set
     for name, ov, names in row_sets:
-        p = _parser(ov)
-        batch = next(iter(p.get_parsed_content("train#dataloader")))
+        batch = next(iter(_parser(ov).get_parsed_content("train#dataloader")))
         batch = {k: batch[k] for k in ("source", "target")}
         batches = [batch] * (steps + warmup)
-        n = int(batch["source"].shape[0])
-        generator = list(p.get_parsed_content("generator_channels"))
-        set_rows = []
-        for variant in names:
-            step = _timed_row(ov, variant, batches, warmup)
-            set_rows.append({"rows": name, "variant": variant, "generator": generator,
-                             "patch": list(batch["source"].shape[2:]), "batch": n, "threads": torch.get_num_threads(),
-                             "step_s": step, "patches_per_s": n / step, "overrides": ov})
-            if memory:
-                set_rows[-1]["memory"] = _memory_row(ov, variant, n, ram_budget_gb * 1024)
-        for r in set_rows:
-            r["ratio_to_unet"] = r["step_s"] / set_rows[0]["step_s"]
+        set_rows = _step_rows(name, ov, names, batch, steps, warmup, ram_budget_gb * 1024 if memory else None)
         results["rows"] += set_rows
         print(_fmt_table(set_rows), file=sys.stderr, flush=True)
         Path(output).write_text(json.dumps(results, indent=2, default=str))
