@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("unet", "global", "local", "dual", "dual_attention")
 #: generator widths of the rows: the shipped CPU-sized UNet and the usual UNet width
 WIDTHS: dict[str, dict[str, Any]] = {
     "shipped": {},
@@ -58,6 +57,13 @@ LEVERS: dict[str, dict[str, Any]] = {
 }
 #: levers that change no result (applied to the unet reference too)
 SPEED_ONLY = ("channels_last", "torch.compile (G, D2)", "1 thread", "bf16 autocast")
+
+
+def all_variants() -> list[str]:
+    """The model variants of the package (:class:`custom_components.trainer.Variant`), in its order (``unet`` first)."""
+    from custom_components.trainer import Variant
+
+    return [v.value for v in Variant]
 
 
 def _parser(overrides: dict[str, Any]):
@@ -329,7 +335,7 @@ def _fmt_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(steps: int = 6, warmup: int = 2, variants: list | tuple = VARIANTS, overrides: dict | None = None,
+def main(steps: int = 6, warmup: int = 2, variants: list | tuple | None = None, overrides: dict | None = None,
          dataset_dir: str | None = None, output: str = "benchmark.json", real_size: bool = False,
          widths: list | tuple | str = ("shipped", "usual"), three_d: bool = True, levers: bool | list | tuple = False,
          memory: bool = True, ram_budget_gb: float = 8.0, data_epochs: int = 3, inference_repeats: int = 2,
@@ -341,7 +347,8 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple = VARIANTS, ove
     Args:
         steps: timed iterations per row (after ``warmup`` more).
         warmup: iterations left out of each timing.
-        variants: variants to time (``unet`` is always included: it is the reference).
+        variants: variants to time, default all of :func:`all_variants` (``unet`` is always included: it is the
+            reference).
         overrides: train.json overrides applied to every row (e.g. ``{"gp_interval": 4}``).
         dataset_dir: data set folder (default: the config's phantom, or the BraTS-size phantom with ``real_size``).
         output: JSON file for the results.
@@ -387,7 +394,7 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple = VARIANTS, ove
 
     results: dict[str, Any] = {"device": str(parser.get_parsed_content("device")), "torch_threads": torch.get_num_threads(),
                                "config_overrides": base, "steps": steps, "warmup": warmup, "rows": []}
-    variants = ["unet"] + [v for v in variants if v != "unet"]
+    variants = ["unet"] + [v for v in (all_variants() if variants is None else variants) if v != "unet"]
     row_sets: list[tuple[str, dict[str, Any], list[str]]] = [(w, {**base, **WIDTHS[w]}, variants) for w in widths]
     if three_d:
         three = json.loads((ROOT / "bundle" / "configs" / "3d.json").read_text())
