@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import pytest
@@ -144,8 +145,35 @@ def test_variant_and_network_mismatch_errors():
     ({"n_critic": 0}, "n_critic"), ({"attention_warmup": -2}, "attention_warmup"), ({"attention_norm": "max"}, "attention_norm"),
 ])
 def test_validate_hyperparameters_names_the_option(kwargs, name):
+    validate_hyperparameters(**_trainer_defaults())  # the trainer's defaults are valid
     with pytest.raises(ValueError, match=name):
-        validate_hyperparameters(**kwargs)
+        validate_hyperparameters(**{**_trainer_defaults(), **kwargs})
+
+
+def _trainer_defaults() -> dict:
+    """The defaults of the trainer's signature for the options ``validate_hyperparameters`` checks."""
+    trainer = inspect.signature(DualAttentionTrainer).parameters
+    return {name: trainer[name].default for name, prm in inspect.signature(validate_hyperparameters).parameters.items()
+            if prm.kind is not inspect.Parameter.VAR_KEYWORD}
+
+
+def test_hyperparameter_defaults_live_in_the_trainer_signature_only():
+    """validate_hyperparameters checks options of the trainer and holds no default that could disagree with it."""
+    trainer = inspect.signature(DualAttentionTrainer).parameters
+    for name, prm in inspect.signature(validate_hyperparameters).parameters.items():
+        if prm.kind is inspect.Parameter.VAR_KEYWORD:
+            continue
+        assert name in trainer, f"validate_hyperparameters checks {name!r}, which the trainer does not take"
+        assert trainer[name].default is not inspect.Parameter.empty, name
+        assert prm.default in (inspect.Parameter.empty, trainer[name].default), (
+            f"{name}: validate_hyperparameters defaults to {prm.default!r}, the trainer to {trainer[name].default!r}")
+
+
+def test_validate_hyperparameters_requires_every_option():
+    options = _trainer_defaults()
+    del options["beta"]
+    with pytest.raises(TypeError, match="beta"):
+        validate_hyperparameters(**options)
 
 
 def test_bf16_autocast_trains_all_networks_on_cpu():
