@@ -15,6 +15,24 @@ from .trainer import (
     validate_hyperparameters,
 )
 
+__all__ = [
+    "AttentionNorm",
+    "DifficultyAwareLoss",
+    "DualAttentionKeys",
+    "DualAttentionTrainer",
+    "GlobalCritic",
+    "GradientPenalty",
+    "LocalDiscriminator",
+    "Variant",
+    "attention_weight",
+    "confidence_map",
+    "image_panels",
+    "scalar_outputs",
+    "uses_global_critic",
+    "uses_local_discriminator",
+    "validate_hyperparameters",
+]  # the sub-modules of _SUBMODULES are left out: ``import *`` would load them all, optional dependencies included
+
 __version__ = "0.1.0"
 
 # Sub-modules load on first attribute access, so a config expression such as

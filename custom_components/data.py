@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.utils import str2bool
 
 __all__ = ["DatalistError", "read_datalist_json", "PrepareSourceTarget", "as_flag", "main_rank_only", "check_datalist", "check_patch_size", "check_run_dirs", "check_splits", "check_writable", "latest_checkpoint", "load_datalist", "require_keys"]
 
@@ -264,20 +265,27 @@ def check_run_dirs(ckpt_dir: str | os.PathLike, model_file: str | os.PathLike, r
         record_run(ckpt_dir, options)
 
 
-def as_flag(value: bool | str | int, name: str = "flag") -> bool:
+def as_flag(value: bool | str | int | None, name: str = "flag") -> bool:
     """A boolean config option given as a bool or as the text a command line passes (``true``/``false``, ``1``/``0``).
 
     ``python -m monai.bundle run ... --resume true`` hands the config the string ``"true"``; a bare string would
-    always be truthy, so configs read their switches through this function.
+    always be truthy, so configs read their switches through this function. The words are those of
+    ``monai.utils.str2bool``, plus ``on``/``off`` and an empty or null value (false); anything else is a
+    ``ValueError`` naming the option ``name``.
     """
     if isinstance(value, bool):
         return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off", "none", "null", ""):
-        return False
-    raise ValueError(f"{name} must be true or false, got {value!r}.")
+    text = str(value).strip().lower()  # str2bool neither strips nor takes numbers
+    text = _FLAG_WORDS.get(text, text)
+    try:
+        return str2bool(text, raise_exc=True)
+    except ValueError:  # str2bool's message does not say which option was wrong
+        raise ValueError(f"{name} must be true or false, got {value!r}.") from None
+
+
+#: words a switch may be given as that ``monai.utils.str2bool`` does not know (it takes yes/true/t/y/1, no/false/f/n/0):
+#: on/off, and an empty or null value (a switch left unset on the command line) as false
+_FLAG_WORDS = {"on": "true", "off": "false", "none": "false", "null": "false", "": "false"}
 
 
 def main_rank_only(fn, *args: Any, **kwargs: Any) -> Any:

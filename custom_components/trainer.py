@@ -74,11 +74,16 @@ def uses_local_discriminator(variant: Variant | str) -> bool:
     return _variant(variant) in (Variant.LOCAL, Variant.DUAL, Variant.DUAL_ATTENTION)
 
 
-def validate_hyperparameters(variant: str = "dual_attention", beta: float = 2.0, p: int = 1, lambda_gp: float = 10.0,
-                             lambda_adv_global: float = 0.01, lambda_adv_local: float = 0.05, n_critic: int = 1,
-                             attention_warmup: int = 0, attention_norm: str = "none", attention_floor: float = 0.0,
-                             fresh_batches: str = "none", attention_source: str = "confidence", **_: Any) -> None:
-    """Raise a ``ValueError`` naming the first bad training option (called from the bundle's ``initialize``)."""
+def validate_hyperparameters(*, variant: Variant | str, beta: float, p: int, lambda_gp: float, lambda_adv_global: float,
+                             lambda_adv_local: float, n_critic: int, attention_warmup: int,
+                             attention_norm: AttentionNorm | str, attention_floor: float,
+                             fresh_batches: FreshBatches | str, attention_source: AttentionSource | str,
+                             **_: Any) -> None:
+    """Raise a ``ValueError`` naming the first bad training option (called from the bundle's ``initialize``).
+
+    Every option is required: the defaults live in one place, :class:`DualAttentionTrainer`'s signature, and a
+    caller (the trainer, train.json's ``check_options``) passes the values it will train with.
+    """
     _variant(variant)
     if not isinstance(beta, (int, float)) or beta < 0:
         raise ValueError(f"beta must be a number >= 0, got {beta!r}.")
@@ -269,8 +274,12 @@ class DualAttentionTrainer(Trainer):
         optim_set_to_none: bool = True,
         to_kwargs: dict | None = None,
     ) -> None:
-        validate_hyperparameters(variant, beta, p, lambda_gp, lambda_adv_global, lambda_adv_local, n_critic,
-                                 attention_warmup, attention_norm, attention_floor, fresh_batches, attention_source)
+        validate_hyperparameters(
+            variant=variant, beta=beta, p=p, lambda_gp=lambda_gp, lambda_adv_global=lambda_adv_global,
+            lambda_adv_local=lambda_adv_local, n_critic=n_critic, attention_warmup=attention_warmup,
+            attention_norm=attention_norm, attention_floor=attention_floor, fresh_batches=fresh_batches,
+            attention_source=attention_source,
+        )
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}.")
         if precision == "fp16" and torch.device(device).type != "cuda":

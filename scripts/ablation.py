@@ -34,10 +34,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("unet", "global", "local", "dual", "dual_attention")
 TABLE_METRICS = ("psnr_volume", "ssim_volume", "mae_volume", "psnr_foreground", "psnr_tumour", "ssim_tumour",
                  "mae_tumour", "qa_auroc_worst", "qa_spearman", "qa_confidence_tumour", "qa_confidence_outside")
 RUN_LEVEL_METRICS = ("psnr_volume", "psnr_foreground", "psnr_tumour", "ssim_volume", "mae_tumour")
+
+
+def all_variants() -> list[str]:
+    """The model variants of the package (:class:`custom_components.trainer.Variant`), in its order (``unet`` first)."""
+    from custom_components.trainer import Variant
+
+    return [v.value for v in Variant]
 
 
 def _arg(value) -> str:
@@ -320,7 +326,7 @@ def main(output_dir: str = "ablation", arms: dict | None = None, seeds: list | t
     from concurrent.futures import ThreadPoolExecutor
 
     out = Path(output_dir).resolve()
-    arms = arms or {v: {"variant": v} for v in VARIANTS}
+    arms = arms or {v: {"variant": v} for v in all_variants()}
     if not isinstance(arms, dict) or not arms:
         raise ValueError(f"arms must be a non-empty dict name -> overrides, got {arms!r}.")
     if reference not in arms:
@@ -371,6 +377,7 @@ def main(output_dir: str = "ablation", arms: dict | None = None, seeds: list | t
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
     import fire
 
     fire.Fire(main)

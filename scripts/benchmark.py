@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("unet", "global", "local", "dual", "dual_attention")
 #: generator widths of the rows: the shipped CPU-sized UNet and the usual UNet width
 WIDTHS: dict[str, dict[str, Any]] = {
     "shipped": {},
@@ -58,6 +57,13 @@ LEVERS: dict[str, dict[str, Any]] = {
 }
 #: levers that change no result (applied to the unet reference too)
 SPEED_ONLY = ("channels_last", "torch.compile (G, D2)", "1 thread", "bf16 autocast")
+
+
+def all_variants() -> list[str]:
+    """The model variants of the package (:class:`custom_components.trainer.Variant`), in its order (``unet`` first)."""
+    from custom_components.trainer import Variant
+
+    return [v.value for v in Variant]
 
 
 def _parser(overrides: dict[str, Any]):
@@ -149,6 +155,31 @@ def _timed_row(overrides: dict[str, Any], variant: str, batches: list, warmup: i
         return _time_steps(trainer, warmup)
     finally:
         torch.set_num_threads(threads)
+
+
+def _step_rows(name: str, overrides: dict[str, Any], variants: list[str], batch: dict, steps: int, warmup: int,
+               memory_budget_mb: float | None = None) -> list[dict[str, Any]]:
+    """One row per variant: mean step time on ``batch`` (``steps`` timed after ``warmup``) and its ratio to ``unet``.
+
+    ``variants`` must include ``unet`` (the reference); ``memory_budget_mb`` adds each row's peak memory (subprocess).
+    """
+    import torch
+
+    batches = [batch] * (steps + warmup)
+    n = int(batch["source"].shape[0])
+    generator = list(_parser(overrides).get_parsed_content("generator_channels"))
+    rows = []
+    for variant in variants:
+        step = _timed_row(overrides, variant, batches, warmup)
+        rows.append({"rows": name, "variant": variant, "generator": generator, "patch": list(batch["source"].shape[2:]),
+                     "batch": n, "threads": torch.get_num_threads(), "step_s": step, "patches_per_s": n / step,
+                     "overrides": overrides})
+        if memory_budget_mb is not None:
+            rows[-1]["memory"] = _memory_row(overrides, variant, n, memory_budget_mb)
+    unet_s = next(r["step_s"] for r in rows if r["variant"] == "unet")
+    for r in rows:
+        r["ratio_to_unet"] = r["step_s"] / unet_s
+    return rows
 
 
 def _peak_mb() -> float:
@@ -304,7 +335,7 @@ def _fmt_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(steps: int = 6, warmup: int = 2, variants: list | tuple = VARIANTS, overrides: dict | None = None,
+def main(steps: int = 6, warmup: int = 2, variants: list | tuple | None = None, overrides: dict | None = None,
          dataset_dir: str | None = None, output: str = "benchmark.json", real_size: bool = False,
          widths: list | tuple | str = ("shipped", "usual"), three_d: bool = True, levers: bool | list | tuple = False,
          memory: bool = True, ram_budget_gb: float = 8.0, data_epochs: int = 3, inference_repeats: int = 2,
@@ -316,7 +347,8 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple = VARIANTS, ove
     Args:
         steps: timed iterations per row (after ``warmup`` more).
         warmup: iterations left out of each timing.
-        variants: variants to time (``unet`` is always included: it is the reference).
+        variants: variants to time, default all of :func:`all_variants` (``unet`` is always included: it is the
+            reference).
         overrides: train.json overrides applied to every row (e.g. ``{"gp_interval": 4}``).
         dataset_dir: data set folder (default: the config's phantom, or the BraTS-size phantom with ``real_size``).
         output: JSON file for the results.
@@ -362,7 +394,7 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple = VARIANTS, ove
 
     results: dict[str, Any] = {"device": str(parser.get_parsed_content("device")), "torch_threads": torch.get_num_threads(),
                                "config_overrides": base, "steps": steps, "warmup": warmup, "rows": []}
-    variants = ["unet"] + [v for v in variants if v != "unet"]
+    variants = ["unet"] + [v for v in (all_variants() if variants is None else variants) if v != "unet"]
     row_sets: list[tuple[str, dict[str, Any], list[str]]] = [(w, {**base, **WIDTHS[w]}, variants) for w in widths]
     if three_d:
         three = json.loads((ROOT / "bundle" / "configs" / "3d.json").read_text())
@@ -381,22 +413,10 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple = VARIANTS, ove
     print(f"[benchmark] stage done: {sorted(results)}", file=sys.stderr, flush=True)
     # 3. training step per variant: one real batch of each row set, the same for every variant of the set
     for name, ov, names in row_sets:
-        p = _parser(ov)
-        batch = next(iter(p.get_parsed_content("train#dataloader")))
+        batch = next(iter(_parser(ov).get_parsed_content("train#dataloader")))
         batch = {k: batch[k] for k in ("source", "target")}
         batches = [batch] * (steps + warmup)
-        n = int(batch["source"].shape[0])
-        generator = list(p.get_parsed_content("generator_channels"))
-        set_rows = []
-        for variant in names:
-            step = _timed_row(ov, variant, batches, warmup)
-            set_rows.append({"rows": name, "variant": variant, "generator": generator,
-                             "patch": list(batch["source"].shape[2:]), "batch": n, "threads": torch.get_num_threads(),
-                             "step_s": step, "patches_per_s": n / step, "overrides": ov})
-            if memory:
-                set_rows[-1]["memory"] = _memory_row(ov, variant, n, ram_budget_gb * 1024)
-        for r in set_rows:
-            r["ratio_to_unet"] = r["step_s"] / set_rows[0]["step_s"]
+        set_rows = _step_rows(name, ov, names, batch, steps, warmup, ram_budget_gb * 1024 if memory else None)
         results["rows"] += set_rows
         print(_fmt_table(set_rows), file=sys.stderr, flush=True)
         Path(output).write_text(json.dumps(results, indent=2, default=str))

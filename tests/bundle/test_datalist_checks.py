@@ -95,15 +95,6 @@ def test_run_dirs_never_overwrite_silently(tmp_path):
     assert not list(ckpt.iterdir())
 
 
-def test_as_flag_reads_command_line_text():
-    from custom_components.data import as_flag
-
-    assert as_flag(True) and as_flag("true") and as_flag("1") and as_flag("True")
-    assert not as_flag(False) and not as_flag("false") and not as_flag("0")
-    with pytest.raises(ValueError, match="resume must be true or false, got 'maybe'"):
-        as_flag("maybe", "resume")
-
-
 # ---- issue 10, items 9, 10, 13: bad input caught before work --------------------------------------------------
 
 

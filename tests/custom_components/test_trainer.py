@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import pytest
@@ -22,6 +23,17 @@ from custom_components import (
 )
 
 
+#: the networks each variant trains, written out from the paper (section 3.1-3.2) rather than computed from
+#: ``uses_global_critic``/``uses_local_discriminator``, so a wrong predicate or a skipped sub-step shows up
+NETWORKS = {
+    Variant.UNET: {"g"},
+    Variant.GLOBAL: {"g", "d1"},
+    Variant.LOCAL: {"g", "d2"},
+    Variant.DUAL: {"g", "d1", "d2"},
+    Variant.DUAL_ATTENTION: {"g", "d1", "d2"},
+}
+
+
 def _batches(spatial_dims: int, n: int = 2, size: int = 16):
     g = torch.Generator().manual_seed(0)
     shape = (2, 1) + (size,) * spatial_dims
@@ -31,8 +43,9 @@ def _batches(spatial_dims: int, n: int = 2, size: int = 16):
 def _make(variant, spatial_dims=2, **kwargs):
     torch.manual_seed(0)
     g = UNet(spatial_dims, 1, 1, (4, 8, 16), (2, 2), num_res_units=0)
-    d1 = GlobalCritic(spatial_dims, channels=(4, 8, 8, 8), fc_features=(8, 4, 1)) if uses_global_critic(variant) else None
-    d2 = LocalDiscriminator(spatial_dims, channels=(4, 4, 8, 8)) if uses_local_discriminator(variant) else None
+    nets = NETWORKS[Variant(variant)]
+    d1 = GlobalCritic(spatial_dims, channels=(4, 8, 8, 8), fc_features=(8, 4, 1)) if "d1" in nets else None
+    d2 = LocalDiscriminator(spatial_dims, channels=(4, 4, 8, 8)) if "d2" in nets else None
     factory = lambda params: torch.optim.Adam(params, lr=1e-3)  # noqa: E731
     trainer = DualAttentionTrainer(
         "cpu", 1, _batches(spatial_dims), g, torch.optim.Adam(g.parameters(), lr=1e-3), variant,
@@ -58,26 +71,27 @@ EXPECTED_TERMS["dual_attention"] = EXPECTED_TERMS["dual"]
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("variant", [v.value for v in Variant])
 def test_variant_updates_exactly_its_networks(variant, spatial_dims):
-    trainer, g, d1, d2 = _make(variant, spatial_dims)
-    before = {name: copy.deepcopy(net.state_dict()) for name, net in (("g", g), ("d1", d1), ("d2", d2)) if net}
+    trainer, g, d1, d2 = _make(variant, spatial_dims)  # the trainer refuses networks its variant does not use
+    nets = {name: net for name, net in (("g", g), ("d1", d1), ("d2", d2)) if net is not None}
+    before = {name: copy.deepcopy(net.state_dict()) for name, net in nets.items()}
     trainer.run()
-    assert _changed(g, before["g"])
-    assert (d1 is not None) == uses_global_critic(variant)
-    assert (d2 is not None) == uses_local_discriminator(variant)
-    if d1 is not None:
-        assert _changed(d1, before["d1"])
-    if d2 is not None:
-        assert _changed(d2, before["d2"])
+    assert {name for name, net in nets.items() if _changed(net, before[name])} == NETWORKS[Variant(variant)]
     out = trainer.state.output
     scalars = scalar_outputs(out)
     assert set(scalars) == {"loss", "loss_recon", "attention_mean"} | EXPECTED_TERMS[variant]
     assert all(isinstance(v, float) for v in scalars.values())
     assert (out[DualAttentionKeys.ATTENTION_MEAN] < 1.0) == (variant == "dual_attention")
     panels = image_panels(out)
-    assert panels.shape[1] == (2 if uses_local_discriminator(variant) else 1)
+    assert panels.shape[1] == (2 if "d2" in NETWORKS[Variant(variant)] else 1)  # G(X), and M when D2 is trained
     assert set(trainer.checkpoint_dict()) == {"generator", "g_optimizer", "trainer"} | (
         {"global_critic", "global_optimizer"} if d1 else set()) | (
         {"local_discriminator", "local_optimizer"} if d2 else set())
+
+
+@pytest.mark.parametrize("variant", list(Variant))
+def test_network_predicates_follow_the_paper(variant):
+    assert uses_global_critic(variant) == ("d1" in NETWORKS[variant])
+    assert uses_local_discriminator(variant) == ("d2" in NETWORKS[variant])
 
 
 def test_total_loss_is_eq7():
@@ -131,8 +145,35 @@ def test_variant_and_network_mismatch_errors():
     ({"n_critic": 0}, "n_critic"), ({"attention_warmup": -2}, "attention_warmup"), ({"attention_norm": "max"}, "attention_norm"),
 ])
 def test_validate_hyperparameters_names_the_option(kwargs, name):
+    validate_hyperparameters(**_trainer_defaults())  # the trainer's defaults are valid
     with pytest.raises(ValueError, match=name):
-        validate_hyperparameters(**kwargs)
+        validate_hyperparameters(**{**_trainer_defaults(), **kwargs})
+
+
+def _trainer_defaults() -> dict:
+    """The defaults of the trainer's signature for the options ``validate_hyperparameters`` checks."""
+    trainer = inspect.signature(DualAttentionTrainer).parameters
+    return {name: trainer[name].default for name, prm in inspect.signature(validate_hyperparameters).parameters.items()
+            if prm.kind is not inspect.Parameter.VAR_KEYWORD}
+
+
+def test_hyperparameter_defaults_live_in_the_trainer_signature_only():
+    """validate_hyperparameters checks options of the trainer and holds no default that could disagree with it."""
+    trainer = inspect.signature(DualAttentionTrainer).parameters
+    for name, prm in inspect.signature(validate_hyperparameters).parameters.items():
+        if prm.kind is inspect.Parameter.VAR_KEYWORD:
+            continue
+        assert name in trainer, f"validate_hyperparameters checks {name!r}, which the trainer does not take"
+        assert trainer[name].default is not inspect.Parameter.empty, name
+        assert prm.default in (inspect.Parameter.empty, trainer[name].default), (
+            f"{name}: validate_hyperparameters defaults to {prm.default!r}, the trainer to {trainer[name].default!r}")
+
+
+def test_validate_hyperparameters_requires_every_option():
+    options = _trainer_defaults()
+    del options["beta"]
+    with pytest.raises(TypeError, match="beta"):
+        validate_hyperparameters(**options)
 
 
 def test_bf16_autocast_trains_all_networks_on_cpu():

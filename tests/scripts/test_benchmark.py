@@ -11,8 +11,9 @@ import pytest
 from custom_components.phantom import ensure_phantom
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ("{'patch_size':[32,32],'generator_channels':[8,16,32,64],'local_channels':[8,8,16,16],'batch_size':1,"
-        "'samples_per_volume':2,'make_phantom':False,'adversarial_warmup':0}")
+TINY_OVERRIDES = {"patch_size": [32, 32], "generator_channels": [8, 16, 32, 64], "local_channels": [8, 8, 16, 16],
+                  "batch_size": 1, "samples_per_volume": 2, "make_phantom": False, "adversarial_warmup": 0}
+TINY = repr(TINY_OVERRIDES)
 
 
 @pytest.mark.slow
@@ -31,7 +32,8 @@ def test_benchmark_reports_every_measure(tmp_path):
     res = json.loads(out.read_text())
     rows = {(r["rows"], r["variant"]): r for r in res["rows"]}
     assert set(rows) == {("shipped", "unet"), ("shipped", "dual_attention")}
-    assert rows["shipped", "unet"]["ratio_to_unet"] == pytest.approx(1.0)
+    for r in rows.values():
+        assert r["ratio_to_unet"] == pytest.approx(r["step_s"] / rows["shipped", "unet"]["step_s"])
     assert rows["shipped", "dual_attention"]["generator"] == [8, 16, 32, 64]
     assert rows["shipped", "unet"]["patch"] == [32, 32] and rows["shipped", "unet"]["batch"] == 2
     for r in rows.values():
@@ -48,13 +50,83 @@ def test_benchmark_reports_every_measure(tmp_path):
     assert "x unet" in proc.stdout and "confidence map" in proc.stdout and "time to 3 dB" in proc.stdout
 
 
-def test_memory_row_arithmetic(monkeypatch):
-    """Memory per patch is the growth from batch B to 2B; the largest batch fills the budget."""
+def _bench():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_time_steps_averages_the_steps_after_the_warmup(monkeypatch):
+    """Step times are the gaps between iteration ends (the first from the start), the first ``warmup`` left out."""
+    from types import SimpleNamespace
+
+    from ignite.engine import Engine
+
+    bench = _bench()
+    clock = iter([0.0, 1.0, 3.0, 6.0, 10.0])  # start, then the end of each of 4 iterations: steps of 1, 2, 3, 4 s
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    engine = Engine(lambda e, b: None)
+    engine.data_loader = [0, 1, 2, 3]
+    engine.run = lambda: Engine.run(engine, engine.data_loader, max_epochs=1)
+    assert bench._time_steps(engine, warmup=1) == pytest.approx(3.0)  # (2 + 3 + 4) / 3
+
+
+def test_step_rows_report_their_config_and_ratios_of_their_own_step_times(monkeypatch):
+    """Each row carries the generator, patch and batch it was timed with, and its ratio is its step time over the
+    unet row's, whatever the order of the variants."""
+    bench = _bench()
+    times = {"global": 0.3, "unet": 0.2, "dual_attention": 0.5}
+    monkeypatch.setattr(bench, "_timed_row", lambda ov, variant, batches, warmup: times[variant])
+    overrides = {**TINY_OVERRIDES, **bench.WIDTHS["usual"]}
+    batch = bench._synthetic_batch(overrides, 3)
+    rows = bench._step_rows("usual", overrides, list(times), batch, steps=2, warmup=1)
+    assert [r["variant"] for r in rows] == list(times)
+    for r in rows:
+        assert r["rows"] == "usual" and r["generator"] == [32, 64, 128, 256, 512]
+        assert r["patch"] == [32, 32] and r["batch"] == 3
+        assert r["step_s"] == times[r["variant"]]
+        assert r["ratio_to_unet"] == pytest.approx(times[r["variant"]] / times["unet"])
+        assert r["patches_per_s"] == pytest.approx(3 / times[r["variant"]])
+
+
+#: sub-steps of one timed iteration of each variant: the benchmark times the variant's adversarial step, not the
+#: shipped warm-up (which trains G alone) and not another variant
+SUB_STEPS = {
+    "unet": ["generator_step"],
+    "global": ["critic_step", "generator_step"],
+    "local": ["local_step", "generator_step"],
+    "dual": ["critic_step", "local_step", "generator_step"],
+    "dual_attention": ["critic_step", "local_step", "generator_step"],
+}
+
+
+@pytest.mark.parametrize("variant", list(SUB_STEPS))
+def test_timed_trainer_runs_the_sub_steps_of_its_variant(variant):
+    bench = _bench()
+    overrides = {k: v for k, v in TINY_OVERRIDES.items() if k != "adversarial_warmup"}  # the shipped warm-up
+    batch = bench._synthetic_batch(overrides, 1)
+    trainer = bench._config_trainer(overrides, variant, [batch])
+    calls = []
+    for step in ("critic_step", "local_step", "generator_step"):
+        method = getattr(trainer, step)
+        setattr(trainer, step, lambda *a, _m=method, _s=step, **k: (calls.append(_s), _m(*a, **k))[1])
+    trainer.run()
+    assert calls == SUB_STEPS[variant]
+    assert trainer.variant == variant
+
+
+def test_default_variants_are_the_package_variants():
+    from custom_components.trainer import Variant
+
+    assert _bench().all_variants() == [v.value for v in Variant]
+
+
+def test_memory_row_arithmetic(monkeypatch):
+    """Memory per patch is the growth from batch B to 2B; the largest batch fills the budget."""
+    bench = _bench()
 
     class Done:
         returncode, stderr = 0, ""
