@@ -23,14 +23,17 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from monai.data import ImageReader, is_supported_format
 from monai.data.utils import is_no_channel, orientation_ras_lps
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
-__all__ = ["ITK_SUFFIXES", "SimpleITKReader", "SUPPORTED_SUFFIXES", "load_image", "load_imaged", "sitk_affine"]
+__all__ = [
+    "ITK_SUFFIXES", "SimpleITKReader", "SUPPORTED_SUFFIXES", "Screened", "load_image", "load_imaged", "screen_image",
+    "sitk_affine",
+]
 
 #: File name endings read by :class:`SimpleITKReader`.
 SUPPORTED_SUFFIXES: tuple[str, ...] = ("mha", "mhd", "nrrd", "nhdr", "nii", "nii.gz")
@@ -172,7 +175,8 @@ def load_imaged(keys: Any, **kwargs: Any):
     """MONAI ``LoadImaged`` that picks the reader by file ending: NIfTI with MONAI's default readers, ``.mha``,
     ``.mhd``, ``.nrrd`` with :class:`SimpleITKReader` (MONAI's ITK reader needs the ``itk`` package).
 
-    Every format :func:`load_image` (the input screening) reads is read by this transform the same way.
+    Every format :func:`load_image` (and so the input screening, :func:`screen_image`) reads is read by this
+    transform the same way.
     Config use: ``{"_target_": "custom_components.readers.load_imaged", "keys": "source", "image_only": true}``.
     """
     from monai.transforms import LoadImaged
@@ -189,3 +193,49 @@ def load_image(path: str | os.PathLike, **kwargs: Any):
     loader = LoadImage(reader=None, image_only=True, **kwargs)
     loader.register(SimpleITKReader(suffixes=ITK_SUFFIXES))
     return loader(path)
+
+
+class Screened(NamedTuple):
+    """What :func:`screen_image` found: the loaded image (``None`` if it could not be loaded or has the wrong
+    shape) and the problem (``None`` if the file is fine)."""
+
+    image: Any
+    problem: str | None
+
+
+def screen_image(path: str | os.PathLike, what: str = "file", allow_channel: bool = True,
+                 check_values: bool = True) -> Screened:
+    """Check that one input file is a usable volume, loading it with :func:`load_image` (as the bundle reads it).
+
+    The file must exist, be readable, hold one 3D volume with a single channel (a 4D file whose last axis has size
+    1 is accepted when ``allow_channel``, as MONAI's readers treat it as a channel) and, when ``check_values``,
+    only finite values. The problem names the file (as ``"<what> <path>"``, e.g. ``what="source file"``), what was
+    expected and what was found. A file holding non-finite values is still returned with its problem, so callers
+    can go on comparing it with the other files of a subject. Never raises for a bad file.
+
+    Example::
+
+        image, problem = screen_image("t1.nii.gz", what="source file")
+    """
+    name = f"{what} {path}"
+    if not Path(path).is_file():
+        return Screened(None, f"{name} does not exist")
+    try:
+        img = load_image(path)
+    except Exception as e:  # noqa: BLE001 - any reader failure is reported for this file only
+        return Screened(None, f"{name} cannot be read ({type(e).__name__}: {str(e).strip()[:300]})")
+    shape = tuple(int(s) for s in img.shape)
+    one_channel = allow_channel and len(shape) == 4 and shape[-1] == 1
+    if len(shape) != 3 and not one_channel:
+        found = f"{shape[-1]} channels" if len(shape) == 4 and shape[-1] > 1 else f"a {len(shape)}D image"
+        expected = "one 3D volume with a single channel" if allow_channel else "one 3D volume (no channel axis)"
+        return Screened(None, f"{name} has shape {shape}, expected {expected} (found {found})")
+    if check_values:
+        import torch
+
+        finite = torch.isfinite(torch.as_tensor(img))
+        if not finite.all():
+            return Screened(img, f"{name} contains {int((~finite).sum())} non-finite values (NaN/inf), expected "
+                                 "finite values only")
+    return Screened(img, None)
+

@@ -107,3 +107,60 @@ def test_suffix_and_errors(tmp_path):
         reader.read(str(tmp_path / "bad.mha"))
     with pytest.raises(ValueError, match="channel_dim"):
         SimpleITKReader(channel_dim="last")
+
+
+# ---- screen_image: the one input screening of datalist checks, inference and preparation (issue 12) ----------
+
+
+def _nifti(path, values):
+    nib.save(nib.Nifti1Image(np.asarray(values, dtype=np.float32), np.eye(4)), str(path))
+    return str(path)
+
+
+def _bad_files(tmp_path):
+    nan = np.ones((6, 5, 4), np.float32)
+    nan[0, 0, :2] = np.nan
+    nan[1, 1, 1] = np.inf
+    (tmp_path / "broken.nii.gz").write_bytes(b"not an image")
+    return {
+        "missing": (str(tmp_path / "missing.nii.gz"), "does not exist"),
+        "unreadable": (str(tmp_path / "broken.nii.gz"), "cannot be read ("),
+        "2D": (_nifti(tmp_path / "flat.nii.gz", np.zeros((6, 5))),
+               "has shape (6, 5), expected one 3D volume with a single channel (found a 2D image)"),
+        "channels": (_nifti(tmp_path / "multi.nii.gz", np.zeros((6, 5, 4, 2))),
+                     "has shape (6, 5, 4, 2), expected one 3D volume with a single channel (found 2 channels)"),
+        "non-finite": (_nifti(tmp_path / "nan.nii.gz", nan), "contains 3 non-finite values (NaN/inf)"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["missing", "unreadable", "2D", "channels", "non-finite"])
+def test_screen_image_names_the_file_and_the_problem(tmp_path, kind):
+    from custom_components.readers import screen_image
+
+    path, expected = _bad_files(tmp_path)[kind]
+    image, problem = screen_image(path, what="source file")
+    assert problem is not None and problem.startswith(f"source file {path} ")
+    assert expected in problem
+    assert (image is not None) == (kind == "non-finite")  # a non-finite image is returned for further comparisons
+
+
+@pytest.mark.parametrize("suffix", ["mha", "nii.gz"])
+def test_screen_image_accepts_a_good_volume_as_load_image_reads_it(written, suffix):
+    from custom_components.readers import load_image, screen_image
+
+    values, paths = written
+    image, problem = screen_image(paths[suffix])
+    assert problem is None
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(load_image(paths[suffix])))
+    np.testing.assert_allclose(image.affine, load_image(paths[suffix]).affine)
+
+
+def test_screen_image_single_channel_and_value_switches(tmp_path):
+    from custom_components.readers import screen_image
+
+    one = _nifti(tmp_path / "one.nii.gz", np.zeros((6, 5, 4, 1)))
+    assert screen_image(one).problem is None
+    problem = screen_image(one, allow_channel=False).problem
+    assert "has shape (6, 5, 4, 1), expected one 3D volume (no channel axis) (found a 4D image)" in problem
+    nan = _nifti(tmp_path / "nan.nii.gz", np.full((6, 5, 4), np.nan))
+    assert screen_image(nan, check_values=False).problem is None
