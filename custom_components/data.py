@@ -62,13 +62,13 @@ def check_datalist(items: Sequence[dict], image_keys: Sequence[str] = ("source",
     """Check every subject before training; raise :class:`DatalistError` listing all problems found.
 
     Checks: the list is not empty; no subject id or image file appears twice; every ``image_keys`` entry is
-    present, exists and is readable; every file is one 3D volume (one channel); images and any ``aux_keys`` files
-    of a subject have the same spatial shape and affines equal within ``atol``; values of images, masks and labels
-    are finite (when ``check_values``).
+    present; every file passes :func:`custom_components.readers.screen_image` (exists, readable, one 3D volume
+    with one channel, finite values when ``check_values``); images and any ``aux_keys`` files of a subject have the
+    same spatial shape and affines equal within ``atol``.
 
     Returns ``items`` unchanged, so the call can sit between a datalist and a dataset in a config.
     """
-    from .readers import load_image as loader
+    from .readers import screen_image
 
     if len(items) == 0:
         raise DatalistError(f"{name}: the list of subjects is empty.")
@@ -81,21 +81,11 @@ def check_datalist(items: Sequence[dict], image_keys: Sequence[str] = ("source",
                 problems.append(f"subject {subject}: no {key!r} entry (expected keys {list(image_keys)}).")
                 continue
             path = item[key]
-            if not os.path.isfile(path):
-                problems.append(f"subject {subject}: {key} file {path} does not exist.")
+            img, problem = screen_image(path, what=f"{key} file", check_values=check_values)
+            if problem is not None:
+                problems.append(f"subject {subject}: {problem}.")
+            if img is None:
                 continue
-            try:
-                img = loader(path)
-            except Exception as e:  # noqa: BLE001 - any reader failure is reported per file
-                problems.append(f"subject {subject}: {key} file {path} cannot be read ({type(e).__name__}: {e}).")
-                continue
-            if img.ndim == 4 and img.shape[-1] != 1 or img.ndim not in (3, 4):
-                problems.append(f"subject {subject}: {key} file {path} has shape {tuple(img.shape)}, expected one 3D "
-                                "volume with a single channel.")
-                continue
-            if check_values and not bool(torch.isfinite(torch.as_tensor(img)).all()):
-                n_bad = int((~torch.isfinite(torch.as_tensor(img))).sum())
-                problems.append(f"subject {subject}: {key} file {path} contains {n_bad} non-finite values (NaN/inf).")
             shape, affine = tuple(img.shape[:3]), np.asarray(img.affine)
             if ref is None:
                 ref = (f"{key} {path}", (shape, affine))

@@ -134,14 +134,15 @@ def screen_inputs(items: Sequence[dict], output_dir: str, source_key: str = "sou
                   ext: str = ".nii.gz") -> InferenceInputs:
     """Check every source image before inference and set aside those that cannot be processed.
 
-    A file is set aside as failed (with its reason) if it cannot be read, is not a 3D volume (a 4D file with one
-    channel is accepted), holds non-finite values, if its output would land outside ``output_dir``, or if two
-    inputs would write the same output file (``scan.nii`` and ``scan.nii.gz``). It is skipped (not failed) if its
-    outputs already exist and ``overwrite`` is false. ``data_root_dir`` is the part of the input paths not repeated
-    below ``output_dir``; when some input lies outside it (or it is not given) the deepest folder holding all inputs
-    is used instead (:func:`common_root`), so no output path climbs out of ``output_dir``.
+    A file is set aside as failed (with its reason) if :func:`custom_components.readers.screen_image` finds a
+    problem (missing, unreadable, not one 3D single-channel volume, non-finite values), if its output would land
+    outside ``output_dir``, or if two inputs would write the same output file (``scan.nii`` and ``scan.nii.gz``).
+    It is skipped (not failed) if its outputs already exist and ``overwrite`` is false. ``data_root_dir`` is the
+    part of the input paths not repeated below ``output_dir``; when some input lies outside it (or it is not given)
+    the deepest folder holding all inputs is used instead (:func:`common_root`), so no output path climbs out of
+    ``output_dir``.
     """
-    from .readers import load_image as loader
+    from .readers import screen_image
 
     root = common_root(items, source_key)
     if data_root_dir and all(_under(i[source_key], data_root_dir) for i in items if isinstance(i.get(source_key), str)):
@@ -154,22 +155,8 @@ def screen_inputs(items: Sequence[dict], output_dir: str, source_key: str = "sou
         if path is None:
             failed.append({"file": str(item), "reason": f"no {source_key!r} entry"})
             continue
-        reason = None
         planned = [output_path(path, output_dir, pf, root, ext) for pf in postfixes]
-        try:
-            img = loader(path)
-        except Exception as e:  # noqa: BLE001 - every reader failure is reported for this file only
-            reason = f"cannot be read ({type(e).__name__}: {e})"
-        else:
-            shape = tuple(img.shape)
-            if len(shape) == 4 and shape[-1] == 1:
-                shape = shape[:3]
-            if len(shape) == 4:
-                reason = f"has {shape[-1]} channels, expected one 3D volume (shape {shape})"
-            elif len(shape) != 3:
-                reason = f"is {len(shape)}D with shape {shape}, expected a 3D volume"
-            elif not bool(torch.isfinite(torch.as_tensor(img)).all()):
-                reason = f"contains {int((~torch.isfinite(torch.as_tensor(img))).sum())} non-finite values (NaN/inf)"
+        reason = screen_image(path, what=f"{source_key} file").problem
         if reason is None and not all(_under(p, output_dir) for p in planned):
             reason = f"its output {planned[0]} would be written outside --output_dir {output_dir}"
         if reason is None and not overwrite:

@@ -206,17 +206,6 @@ def find_synthrad_files(subject_dir: str | os.PathLike) -> tuple[dict[str, str],
 # screening
 
 
-def _load(path: str) -> Any:
-    """A MetaTensor read as the bundle reads it: NibabelReader for NIfTI, SimpleITKReader for the other formats."""
-    from monai.data import NibabelReader
-    from monai.transforms import LoadImage
-
-    from .readers import SimpleITKReader
-
-    reader = NibabelReader() if str(path).endswith(_NIFTI_EXTS) else SimpleITKReader()
-    return LoadImage(image_only=True, reader=reader, dtype=None)(path)
-
-
 def _write_mask(mask: np.ndarray, affine: np.ndarray, path: str) -> None:
     import nibabel as nib
 
@@ -230,6 +219,9 @@ def _write_mask(mask: np.ndarray, affine: np.ndarray, path: str) -> None:
 def screen_subject(job: dict[str, Any]) -> dict[str, Any]:
     """Screen one subject; never raises: every problem becomes a rejection reason.
 
+    Each file is checked with :func:`custom_components.readers.screen_image` (without a channel axis); this
+    function adds the checks across the subject's files.
+
     ``job`` holds ``subject``, ``files`` (datalist key -> path), ``problems`` (found while looking for files),
     ``atol``, and optionally ``derive_mask`` (output path of a foreground mask ``(source > 0) | (target > 0)`` with
     holes filled, written with the source's affine), ``ct_key`` and ``hu_min`` (a warning if that image's minimum
@@ -237,23 +229,21 @@ def screen_subject(job: dict[str, Any]) -> dict[str, Any]:
 
     Returns ``{"subject", "accepted", "reasons", "warnings", "files"}`` (``files`` includes the derived mask).
     """
+    from .readers import screen_image
+
     subject, files = job["subject"], dict(job["files"])
     reasons, warnings = list(job.get("problems", [])), []
     keep = {"source", "target", "mask"} | ({job["ct_key"]} if job.get("ct_key") else set())
     arrays: dict[str, np.ndarray] = {}
     ref: tuple[str, tuple, np.ndarray] | None = None
     for key, path in files.items():
-        try:
-            img = _load(path)
-        except Exception as e:  # noqa: BLE001 - any reader failure rejects the subject
-            reasons.append(f"{key} file {path} cannot be read ({type(e).__name__}: {str(e).strip()[:200]})")
-            continue
-        if img.ndim != 3:
-            reasons.append(f"{key} file {path} is not a 3D volume (shape {tuple(img.shape)})")
+        # a 4D file with one channel is rejected here: the derived mask and the preprocessing expect 3D volumes
+        img, problem = screen_image(path, what=f"{key} file", allow_channel=False)
+        if problem is not None:
+            reasons.append(problem)
+        if img is None:
             continue
         array = np.asarray(img)
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            reasons.append(f"{key} file {path} has {int((~np.isfinite(array)).sum())} non-finite (NaN/inf) values")
         shape, affine = tuple(array.shape), np.asarray(img.affine, dtype=np.float64)
         if ref is None:
             ref = (key, shape, affine)
