@@ -18,7 +18,10 @@ from monai.data.utils import create_file_basename
 from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import MapTransform
 
-__all__ = ["ConfidenceMapd", "InferenceError", "InferenceInputs", "collect_inputs", "common_root", "screen_inputs"]
+__all__ = [
+    "ConfidenceMapd", "InferenceError", "InferenceInputs", "collect_inputs", "common_root", "inference_inputs",
+    "screen_inputs",
+]
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
@@ -187,6 +190,22 @@ def screen_inputs(items: Sequence[dict], output_dir: str, source_key: str = "sou
     outputs = {k: v for k, v in outputs.items() if k not in clashing}
     return InferenceInputs(items=good, failed=failed, output_dir=output_dir, source_key=source_key, skipped=skipped,
                            data_root_dir=root, outputs=outputs)
+
+
+def inference_inputs(input_path: str | os.PathLike, output_dir: str, section: str = "test", source_key: str = "source",
+                     save_confidence: bool | str = False, data_root_dir: str | None = None,
+                     overwrite: bool | str = False) -> InferenceInputs:
+    """The screened inputs of ``inference.json``: :func:`collect_inputs` then :func:`screen_inputs`.
+
+    ``save_confidence`` and ``overwrite`` may be given as command-line text (``"true"``/``"false"``); with
+    ``save_confidence`` every input plans a ``confidence`` output beside the ``synthetic`` one.
+    Config use: ``{"_target_": "custom_components.inference.inference_inputs", "input_path": "@input", ...}``.
+    """
+    from .data import as_flag
+
+    postfixes = ["synthetic", "confidence"] if as_flag(save_confidence, "save_confidence") else ["synthetic"]
+    return screen_inputs(collect_inputs(input_path, section, source_key), output_dir, source_key=source_key,
+                         postfixes=postfixes, data_root_dir=data_root_dir, overwrite=as_flag(overwrite, "overwrite"))
 
 
 class ConfidenceMapd(MapTransform):
