@@ -137,7 +137,8 @@ def check_splits(training: Sequence[dict], validation: Sequence[dict], image_key
     problems += [f"file {f} is in the training list (subject {train_files[f]}) and the validation list (subject "
                  f"{val_files[f]})." for f in sorted(set(train_files) & set(val_files))]
     if problems:
-        raise DatalistError(f"{name}: {len(problems)} subject(s) leak from training into validation:\n  "
+        leaked = (train_ids & val_ids) | {val_files[f] for f in set(train_files) & set(val_files)}
+        raise DatalistError(f"{name}: {len(leaked)} subject(s) leak from training into validation:\n  "
                             + "\n  ".join(problems))
 
 
@@ -197,11 +198,11 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, pattern: str = "checkpoint_*.
     return path
 
 
-def check_writable(**folders: str | os.PathLike) -> None:
+def check_writable(before: str = "training", **folders: str | os.PathLike) -> None:
     """Create each folder if needed and check a file can be written in it, before any work.
 
     Keyword names are the options the folders come from (``ckpt_dir=...``); an error names the option, the folder
-    and the reason.
+    and the reason. ``before`` names the work that has not started (``"training"``, ``"inference"``).
     """
     import tempfile
 
@@ -216,7 +217,7 @@ def check_writable(**folders: str | os.PathLike) -> None:
         except OSError as e:
             problems.append(f"--{option} {str(folder)!r} cannot be written ({type(e).__name__}: {e.strerror or e}).")
     if problems:
-        raise PermissionError("output folder check failed before training:\n  " + "\n  ".join(problems))
+        raise PermissionError(f"output folder check failed before {before}:\n  " + "\n  ".join(problems))
 
 
 def check_run_dirs(ckpt_dir: str | os.PathLike, model_file: str | os.PathLike, resume: bool = False,

@@ -201,8 +201,9 @@ def inference_inputs(input_path: str | os.PathLike, output_dir: str, section: st
     ``save_confidence`` every input plans a ``confidence`` output beside the ``synthetic`` one.
     Config use: ``{"_target_": "custom_components.inference.inference_inputs", "input_path": "@input", ...}``.
     """
-    from .data import as_flag
+    from .data import as_flag, check_writable
 
+    check_writable(before="inference", output_dir=output_dir)  # before any input is read or any model is run
     postfixes = ["synthetic", "confidence"] if as_flag(save_confidence, "save_confidence") else ["synthetic"]
     return screen_inputs(collect_inputs(input_path, section, source_key), output_dir, source_key=source_key,
                          postfixes=postfixes, data_root_dir=data_root_dir, overwrite=as_flag(overwrite, "overwrite"))

@@ -126,6 +126,7 @@ def test_training_validation_leakage_is_named(subjects):
         check_splits(subjects, [subjects[1]], name="dl.json")
     msg = str(e.value)
     assert "subject id s1 is in both the training and the validation list" in msg
+    assert "dl.json: 1 subject(s) leak from training into validation" in msg  # one subject, several problem lines
     assert f"file {subjects[1]['source']} is in the training list (subject s1) and the validation list" in msg
     with pytest.raises(DatalistError, match="subject s0"):
         check_splits(subjects[:1], [dict(subjects[0], subject="val7")])

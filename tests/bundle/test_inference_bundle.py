@@ -256,3 +256,20 @@ def test_shipped_demo_weights_synthesise_a_phantom_volume_right_after_a_clone(tm
     mae, mae_constant = np.abs(s - y)[mask].mean(), np.abs(y[mask] - np.median(y[mask])).mean()
     # measured 22.3 dB and MAE 0.104 vs 0.172 for the best constant; an untrained model is far below both
     assert psnr > 19 and mae < 0.75 * mae_constant, (psnr, mae, mae_constant)
+
+
+def test_unwritable_output_folder_is_named_before_any_work(models, tmp_path):
+    """An --output_dir that cannot be created (below a regular file; chmod does not stop root) stops inference up
+    front with one plain message naming the option and the folder, not a traceback from the image writer."""
+    src = tmp_path / "in" / "scan.nii.gz"
+    src.parent.mkdir()
+    _volume(src)
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    proc = _bundle("run", "inferring", "--config_file", CONFIG, "--input", src.parent, "--model_dir", models,
+                   "--output_dir", blocker / "sub", *SMALL, check=False)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "ERROR (PermissionError): output folder check failed before inference" in log
+    assert f"--output_dir '{blocker / 'sub'}' cannot be written" in log
+    assert "Traceback" not in log
