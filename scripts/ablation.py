@@ -200,15 +200,22 @@ _METRICS_LINE = re.compile(r"Epoch\[(\d+)\] Metrics -- (.*)")
 
 
 def read_curve(log: Path) -> dict[int, dict[str, float]]:
-    """Validation metrics by epoch from a training log (the lines MONAI's ``StatsHandler`` prints)."""
+    """Validation metrics by epoch from a training log (the lines MONAI's ``StatsHandler`` prints).
+
+    The evaluation of the run is appended to the same log and prints its own ``Epoch[1] Metrics`` line: reading
+    stops where the epoch count goes back, so the test-set evaluation never enters the validation curve.
+    """
     curve: dict[int, dict[str, float]] = {}
     if not log.exists():
         return curve
     for line in log.read_text(errors="replace").splitlines():
         m = _METRICS_LINE.search(line)
         if m and "val_" in m.group(2):
+            epoch = int(m.group(1))
+            if curve and epoch <= max(curve):
+                break
             pairs = re.findall(r"(\w+): (-?[\d.]+(?:e-?\d+)?|nan|inf)", m.group(2))
-            curve[int(m.group(1))] = {k: float(v) for k, v in pairs}
+            curve[epoch] = {k: float(v) for k, v in pairs}
     return curve
 
 
@@ -238,11 +245,13 @@ def _plot_curves(rows: list[dict], path: Path, metrics=("val_psnr", "val_psnr_tu
     if not metrics:
         return
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.4))
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    colours = {arm: f"C{i % 10}" for i, arm in enumerate(arms)}  # one colour per arm in every panel
     for ax, m in zip(list(getattr(axes, "flat", [axes])), metrics):
-        for arm in dict.fromkeys(r["arm"] for r in rows):
+        for arm in arms:
             pts = [(r["epoch"], r[m]) for r in rows if r["arm"] == arm and m in r]
             if pts:
-                ax.plot(*zip(*pts), label=arm, marker=".")
+                ax.plot(*zip(*pts), label=arm, marker=".", color=colours[arm])
         ax.set_xlabel("epoch")
         ax.set_title(f"{m} (validation, mean over seeds)", fontsize=9)
         ax.grid(alpha=0.3)

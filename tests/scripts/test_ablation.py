@@ -104,10 +104,12 @@ def test_curves_are_read_from_the_training_log(tmp_path):
     log = tmp_path / "unet" / "seed_0" / "log.txt"
     log.parent.mkdir(parents=True)
     log.write_text("2026 - INFO - Epoch[5] Metrics -- val_mae: 0.1 val_psnr: 12.5 val_psnr_tumour: 3.25e-01\n"
-                   "noise line\n2026 - INFO - Epoch[10] Metrics -- val_mae: 0.05 val_psnr: 15.0 val_psnr_tumour: nan\n")
+                   "noise line\n2026 - INFO - Epoch[10] Metrics -- val_mae: 0.05 val_psnr: 15.0 val_psnr_tumour: nan\n"
+                   "[ablation] evaluating\n2026 - INFO - Epoch[1] Metrics -- val_mae: 0.2 val_psnr: 11.0\n")
     curve = ablation.read_curve(log)
     assert curve[5] == {"val_mae": 0.1, "val_psnr": 12.5, "val_psnr_tumour": 0.325}
     assert curve[10]["val_psnr"] == 15.0 and np.isnan(curve[10]["val_psnr_tumour"])
+    assert sorted(curve) == [5, 10]  # the appended test-set evaluation (Epoch[1]) is not a validation point
     rows = ablation.curves_table(tmp_path, ["unet"], [0, 1])
     assert [(r["epoch"], r["val_psnr"], r["n_seeds"]) for r in rows] == [(5, 12.5, 1), (10, 15.0, 1)]
 
