@@ -59,6 +59,30 @@ def _hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType |
     sys.stderr.flush()
 
 
+def _without_project_tracebacks(factory):
+    """A log-record factory that drops the traceback from records about an error raised by this package.
+
+    Handlers of the training library (MONAI's ``StatsHandler`` logs every exception that stops an engine with its
+    traceback) would otherwise print two long tracebacks before the plain message of :func:`_hook`; the log line
+    itself (``Exception: <message>``) is kept.
+    """
+
+    def make(*args, **kwargs):
+        record = factory(*args, **kwargs)
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and os.environ.get(TRACEBACK_ENV, "") in ("", "0") and project_error(exc) is not None:
+            record.exc_info, record.exc_text = None, None
+        return record
+
+    make._plain_errors = True  # type: ignore[attr-defined]
+    return make
+
+
 def report_errors_plainly() -> None:
-    """Install the exception hook for this process (idempotent)."""
+    """Install the exception hook and the log-record filter for this process (idempotent)."""
+    import logging
+
     sys.excepthook = _hook
+    factory = logging.getLogRecordFactory()
+    if not getattr(factory, "_plain_errors", False):
+        logging.setLogRecordFactory(_without_project_tracebacks(factory))

@@ -158,3 +158,13 @@ def test_mr_to_ct_from_mha_files_trains_and_evaluates_in_hu(tmp_path):
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     header = (tmp_path / "eval" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"mae_hu_volume", "mae_hu_foreground", "psnr_hu_foreground", "psnr_foreground"} <= set(header)
+
+
+def test_an_error_during_training_is_reported_plainly(phantom, tmp_path):
+    """Issue 10 (14): an error raised inside the run (the non-finite guard) ends with the plain message, and the
+    training library's handlers no longer print its traceback first."""
+    proc = _run(phantom, tmp_path, "--epochs", "1", "--lr_g", "1e6", check=False)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "ERROR (FloatingPointError): iteration" in log and "is nan" in log
+    assert "Traceback" not in log

@@ -1,0 +1,61 @@
+"""Plain reports of the package's own errors (custom_components.errors)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from custom_components import errors
+
+
+def _raise_project_error():
+    from custom_components.data import check_writable
+
+    check_writable(before="inference", output_dir="/dev/null/sub")  # /dev/null is not a folder
+
+
+@pytest.fixture
+def plain_logging(monkeypatch):
+    monkeypatch.delenv(errors.TRACEBACK_ENV, raising=False)
+    factory = logging.getLogRecordFactory()
+    errors.report_errors_plainly()
+    yield
+    logging.setLogRecordFactory(factory)
+
+
+def _records_for(exc, caplog, name="test_errors"):
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger=name):
+        try:
+            raise exc
+        except Exception:
+            logging.getLogger(name).exception("Exception: stopped")
+    return caplog.records
+
+
+def test_library_log_of_a_project_error_keeps_the_line_but_not_the_traceback(plain_logging, caplog):
+    with pytest.raises(PermissionError) as info:
+        _raise_project_error()
+    (record,) = _records_for(info.value, caplog)
+    assert record.getMessage() == "Exception: stopped" and record.exc_info is None
+    assert "output folder check failed before inference" in errors.format_project_error(info.value)
+
+
+def test_other_errors_keep_their_traceback(plain_logging, caplog):
+    (record,) = _records_for(ValueError("not ours"), caplog)
+    assert record.exc_info is not None and errors.format_project_error(record.exc_info[1]) is None
+
+
+def test_traceback_on_request(plain_logging, caplog, monkeypatch):
+    monkeypatch.setenv(errors.TRACEBACK_ENV, "1")
+    with pytest.raises(PermissionError) as info:
+        _raise_project_error()
+    (record,) = _records_for(info.value, caplog)
+    assert record.exc_info is not None
+
+
+def test_installing_twice_wraps_the_factory_once(plain_logging):
+    once = logging.getLogRecordFactory()
+    errors.report_errors_plainly()
+    assert logging.getLogRecordFactory() is once
