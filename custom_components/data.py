@@ -220,9 +220,10 @@ def check_writable(before: str = "training", **folders: str | os.PathLike) -> No
         raise PermissionError(f"output folder check failed before {before}:\n  " + "\n  ".join(problems))
 
 
-def check_run_dirs(ckpt_dir: str | os.PathLike, model_file: str | os.PathLike, resume: bool = False,
-                   overwrite: bool = False, pattern: str = "checkpoint_*.pt", output_dir: str | os.PathLike | None = None,
-                   options: dict | None = None, epochs: int | None = None, apply_changes: bool = False) -> None:
+def check_run_dirs(ckpt_dir: str | os.PathLike, model_file: str | os.PathLike, resume: bool | str = False,
+                   overwrite: bool | str = False, pattern: str = "checkpoint_*.pt",
+                   output_dir: str | os.PathLike | None = None, options: dict | None = None, epochs: int | None = None,
+                   apply_changes: bool | str = False) -> None:
     """Refuse to overwrite an earlier run silently, and check a resume can continue it.
 
     Every output folder (``output_dir``, ``ckpt_dir``, the folder of ``model_file``) must be writable. A fresh run
@@ -230,10 +231,13 @@ def check_run_dirs(ckpt_dir: str | os.PathLike, model_file: str | os.PathLike, r
     with an error unless ``overwrite=True``, in which case the old files are removed. A resumed run needs a
     readable checkpoint below ``epochs`` and, unless ``apply_changes``, the same ``options`` as the run that wrote
     it (see :func:`custom_components.checkpointing.record_run`). ``options`` are recorded beside the checkpoints.
-    Files left by a save that was killed are removed.
+    Files left by a save that was killed are removed. ``resume``, ``overwrite`` and ``apply_changes`` may be given as
+    command-line text (see :func:`as_flag`).
     """
     from .checkpointing import RUN_RECORD, record_run, remove_partial_files
 
+    resume, overwrite = as_flag(resume, "resume"), as_flag(overwrite, "overwrite")
+    apply_changes = as_flag(apply_changes, "apply_changes")
     ckpt_dir, model_file = Path(ckpt_dir), Path(model_file)
     check_writable(output_dir=output_dir, ckpt_dir=ckpt_dir, model_dir=model_file.parent)
     remove_partial_files(ckpt_dir, model_file.parent)

@@ -91,6 +91,11 @@ def test_run_dirs_never_overwrite_silently(tmp_path):
         check_run_dirs(ckpt, model)
     check_run_dirs(ckpt, model, resume=True)
     assert latest_checkpoint(ckpt).endswith("checkpoint_epoch=1.pt")
+    with pytest.raises(FileExistsError, match="--resume true"):
+        check_run_dirs(ckpt, model, resume="false", overwrite="false")  # command-line text, as the config passes it
+    check_run_dirs(ckpt, model, resume="true")
+    with pytest.raises(ValueError, match="overwrite"):
+        check_run_dirs(ckpt, model, overwrite="maybe")
     check_run_dirs(ckpt, model, overwrite=True)
     assert not list(ckpt.iterdir())
 
