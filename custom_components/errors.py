@@ -9,6 +9,7 @@ the innermost error raised by this package first, as one message, and the full t
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -80,8 +81,6 @@ def _without_project_tracebacks(factory):
 
 def report_errors_plainly() -> None:
     """Install the exception hook and the log-record filter for this process (idempotent)."""
-    import logging
-
     sys.excepthook = _hook
     factory = logging.getLogRecordFactory()
     if not getattr(factory, "_plain_errors", False):
