@@ -227,4 +227,4 @@ def test_random_sigkills_lose_nothing(tmp_path_factory, tmp_path):
     evaluator.run()
     assert evaluator.state.metrics["val_psnr"] >= best - 1e-4
     last_run = [float(v) for v in re.findall(r"val_psnr: ([0-9.]+)", final_log)]
-    assert last_run and max(last_run) <= best + 1e-6
+    assert last_run and max(last_run) <= best + 5e-5  # the log prints 4 decimals: 13.940157 shows as 13.9402
