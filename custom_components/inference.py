@@ -291,6 +291,6 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, device: str 
             ([f"{len(unexpected)} unexpected (first: {unexpected[0]})"] if unexpected else [])
         raise ValueError(f"{role} weights {str(path)!r} do not fit the network built by the config: "
                          f"{'; '.join(parts)}. Use the options of the training run (--generator_channels, "
-                         "--local_channels, --spatial_dims, --network_def).")
+                         "--local_channels, --local_stem_stride, --spatial_dims, --network_def).")
     network.load_state_dict(state)
     return network

@@ -124,12 +124,21 @@ class LocalDiscriminator(torch.nn.Module):
     voxel saying how real the local region around that voxel looks. ``sigmoid`` of the output is the confidence
     map M (see :func:`custom_components.losses.confidence_map`).
 
+    ``stem_stride=1`` (the paper's layout) runs the first convolution and the last decoder stage at full resolution.
+    ``stem_stride=2`` makes the first convolution strided, so every hidden layer works at half resolution or less;
+    the decoder still undoes the three down-samplings and the logits are interpolated (bi/trilinear) back to the
+    input size. Per 2D pixel this costs about a quarter of the full-resolution layout's multiply-adds and memory
+    traffic (the full-resolution layers with normalisation dominate on CPU); M is then resolved at 2 voxels, and
+    inputs must be multiples of 16. :attr:`total_stride` gives the multiple an input must have.
+
     Args:
         spatial_dims: 2 or 3.
         in_channels: channels of the image being judged.
         channels: filters at full resolution and after each of the three down-samplings.
         norm: normalisation of the hidden layers (MONAI ``Norm`` name), ``None`` to disable.
         act: activation of the hidden layers.
+        stem_stride: stride of the first convolution: 1 (full resolution, the paper) or 2 (half resolution, the
+            logits are interpolated back to the input size).
     """
 
     def __init__(
@@ -139,15 +148,20 @@ class LocalDiscriminator(torch.nn.Module):
         channels: Sequence[int] = (32, 64, 128, 256),
         norm: str | tuple | None = ("instance", {"affine": True}),
         act: str | tuple = ("leakyrelu", {"negative_slope": 0.2}),
+        stem_stride: int = 1,
     ) -> None:
         super().__init__()
         _check_spatial_dims(spatial_dims)
         if len(channels) != 4:
             raise ValueError(f"channels must list 4 filter counts (full resolution + 3 down-samplings), got {channels!r}.")
+        if stem_stride not in (1, 2) or isinstance(stem_stride, bool):
+            raise ValueError(f"stem_stride must be 1 (full resolution) or 2 (half resolution), got {stem_stride!r}.")
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
+        self.stem_stride = stem_stride
+        self.total_stride = 8 * stem_stride
         conv = lambda i, o, **kw: Convolution(spatial_dims, i, o, kernel_size=3, act=act, norm=norm, **kw)  # noqa: E731
-        self.stem = conv(in_channels, channels[0])
+        self.stem = conv(in_channels, channels[0], strides=stem_stride)
         self.down = torch.nn.ModuleList(conv(channels[i], channels[i + 1], strides=2) for i in range(3))
         self.up = torch.nn.ModuleList(
             conv(channels[i + 1], channels[i], strides=2, is_transposed=True) for i in reversed(range(3))
@@ -156,15 +170,19 @@ class LocalDiscriminator(torch.nn.Module):
         self.out = Convolution(spatial_dims, channels[0], 1, kernel_size=1, conv_only=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W[, D]) with sizes multiple of 8. Returns logits shaped (B, 1, H, W[, D])."""
-        _check_input(x, self.spatial_dims, self.in_channels, 8, type(self).__name__)
+        """x: (B, C, H, W[, D]) with sizes multiple of :attr:`total_stride`. Returns logits shaped (B, 1, H, W[, D])."""
+        _check_input(x, self.spatial_dims, self.in_channels, self.total_stride, type(self).__name__)
         skips = [self.stem(x)]
         for down in self.down:
             skips.append(down(skips[-1]))
         h = skips.pop()
         for up, fuse in zip(self.up, self.fuse):
             h = fuse(torch.cat([up(h), skips.pop()], dim=1))
-        return self.out(h)
+        logits = self.out(h)
+        if self.stem_stride == 1:
+            return logits
+        mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+        return torch.nn.functional.interpolate(logits, size=x.shape[2:], mode=mode, align_corners=False)
 
 
 def load_pretrained(network: torch.nn.Module, path: str | None) -> torch.nn.Module:

@@ -64,3 +64,40 @@ def test_global_critic_bad_norm_and_head():
         GlobalCritic(norm="weird")
     with pytest.raises(ValueError, match="fc_features"):
         GlobalCritic(fc_features=(512, 2))
+
+
+@pytest.mark.parametrize("spatial_dims,size", [(2, (32, 48)), (3, (16, 32, 16))])
+def test_half_resolution_local_discriminator_keeps_the_input_size_and_localises(spatial_dims, size):
+    """stem_stride 2: hidden layers at half resolution, logits interpolated back; a local change stays local."""
+    torch.manual_seed(0)
+    # no normalisation: instance norm's statistics would spread any change over the whole map
+    disc = LocalDiscriminator(spatial_dims=spatial_dims, channels=(4, 8, 8, 8), stem_stride=2, norm=None).eval()
+    assert disc.total_stride == 16
+    x = torch.rand(1, 1, *size)
+    with torch.no_grad():
+        out = disc(x)
+        assert out.shape == (1, 1, *size)
+        first = disc.stem.conv
+        assert first.stride == (2,) * spatial_dims
+        # no hidden layer runs at the input resolution: the largest hidden map is half the input size
+        sizes = []
+        hooks = [m.register_forward_hook(lambda _m, _i, o: sizes.append(tuple(o.shape[2:])))
+                 for m in disc.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d,
+                                                           torch.nn.ConvTranspose3d))]
+        disc(x)
+        for h in hooks:
+            h.remove()
+        assert max(sizes) == tuple(s // 2 for s in size)
+        # a change in one corner leaves the far corner's logits unchanged (M stays a local map)
+        y = x.clone()
+        y[(0, 0) + tuple(slice(0, 4) for _ in size)] += 1.0
+        changed = (disc(y) - out).abs()
+        assert changed[(0, 0) + tuple(slice(0, 4) for _ in size)].max() > 0
+        assert changed[(0, 0) + tuple(slice(s - 2, s) for s in size)].max() == 0
+
+
+def test_half_resolution_local_discriminator_checks_stride_and_multiple():
+    with pytest.raises(ValueError, match="stem_stride"):
+        LocalDiscriminator(stem_stride=4)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        LocalDiscriminator(stem_stride=2)(torch.rand(1, 1, 24, 32))
