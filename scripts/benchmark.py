@@ -50,10 +50,18 @@ REAL_SIZE_PHANTOM: dict[str, Any] = {"task": "t1t2", "n_train": 4, "n_val": 1, "
 LEVERS: dict[str, dict[str, Any]] = {
     "gp_interval=4": {"gp_interval": 4},
     "strided critic": {"global_critic#downsample": "stride"},
+    "half-res D2 8-64": {"local_stem_stride": 2, "local_channels": [8, 16, 32, 64]},
+    "all three above": {"gp_interval": 4, "global_critic#downsample": "stride", "local_stem_stride": 2,
+                        "local_channels": [8, 16, 32, 64]},
     "bf16 autocast": {"precision": "bf16"},
     "channels_last": {},
     "torch.compile (G, D2)": {},
     "1 thread": {},
+}
+#: local discriminator layouts whose confidence-map cost the inference stage reports besides the shipped one
+D2_LAYOUTS: dict[str, dict[str, Any]] = {
+    "paper layout (full resolution, 16-128)": {"local_stem_stride": 1, "local_channels": [16, 32, 64, 128]},
+    "half resolution, 8-64": {"local_stem_stride": 2, "local_channels": [8, 16, 32, 64]},
 }
 #: levers that change no result (applied to the unet reference too)
 SPEED_ONLY = ("channels_last", "torch.compile (G, D2)", "1 thread", "bf16 autocast")
@@ -257,6 +265,17 @@ def _inference(overrides: dict[str, Any], repeats: int) -> dict[str, Any]:
         conf = ConfidenceMapd("pred", d2, inferer)
         res["confidence_s"] = timed(lambda: conf({"pred": pred}))
         res["confidence_ratio"] = res["confidence_s"] / res["inferer_s"]
+        # the other D2 layouts, each through the inferer the config builds for it (its padding multiple)
+        shipped = (int(p["local_stem_stride"]), list(p["local_channels"]))
+        res["confidence_layouts"] = {}
+        for name, layout in D2_LAYOUTS.items():
+            if (layout["local_stem_stride"], layout["local_channels"]) == shipped:
+                continue
+            q = _parser({**overrides, **layout, "variant": "dual_attention"})
+            other = ConfidenceMapd("pred", q.get_parsed_content("local_discriminator").eval(),
+                                   q.get_parsed_content("validate#inferer"))
+            seconds = timed(lambda: other({"pred": pred}))
+            res["confidence_layouts"][name] = {"confidence_s": seconds, "confidence_ratio": seconds / res["inferer_s"]}
     return res
 
 
@@ -466,6 +485,8 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple | None = None, 
                      f"call): {inf['inferer_s']:.2f}s vs bare forward {inf['bare_forward_s']:.2f}s = "
                      f"{inf['overhead_ratio']:.2f}x; overlapping windows {inf['window_inferer_s']:.2f}s; "
                      f"confidence map +{100 * inf['confidence_ratio']:.0f}%")
+        for name, c in inf.get("confidence_layouts", {}).items():
+            lines.append(f"confidence map with the {name} D2: +{100 * c['confidence_ratio']:.0f}%")
     else:
         lines.append(f"whole-volume inference {inf['volume_shape']}: {inf['inferer_s']:.2f}s")
     if "time_to_quality" in results:

@@ -44,6 +44,9 @@ def test_benchmark_reports_every_measure(tmp_path):
     inf = res["inference"]
     assert inf["inferer"] == "WholeSliceInferer" and inf["volume_shape"] == [48, 48, 32]
     assert all(inf[k] > 0 for k in ("overhead_ratio", "window_inferer_s", "confidence_ratio"))
+    # the tiny D2 (8-8-16-16) is neither reported layout, so both are timed through their own inferer
+    assert set(inf["confidence_layouts"]) == set(_bench().D2_LAYOUTS)
+    assert all(c["confidence_ratio"] > 0 for c in inf["confidence_layouts"].values())
     ttq = res["time_to_quality"]
     assert ttq["target_psnr"] == 3 and {"unet", "dual_attention"} <= set(ttq)
     assert all(ttq[v]["reached"] or math.isfinite(ttq[v]["best_psnr"]) for v in ("unet", "dual_attention"))
