@@ -39,9 +39,9 @@ __version__ = "0.1.0"
 # ``$custom_components.tracking.with_tracking(...)`` works under any config overlay, whatever its ``imports`` list holds
 # (an overlay's list replaces train.json's), without importing optional dependencies up front.
 _SUBMODULES = frozenset({
-    "checkpointing", "data", "errors", "evaluation", "handlers", "inference", "inferers", "label_task", "losses",
-    "metrics", "networks", "paths", "phantom", "prepare", "readers", "schedules", "tracking", "trainer", "transforms",
-    "weights",
+    "checkpointing", "data", "errors", "evaluation", "handlers", "inference", "inferers", "label_task", "layouts",
+    "losses", "metrics", "networks", "paths", "phantom", "phantom_dataset", "prepare", "preprocess", "readers",
+    "schedules", "tracking", "trainer", "transforms", "weights",
 })
 
 

@@ -299,7 +299,7 @@ def _time_to_quality(overrides: dict[str, Any], psnr: float, max_epochs: int) ->
     from ignite.engine import Events
 
     from custom_components.data import as_flag
-    from custom_components.phantom import ensure_phantom
+    from custom_components.phantom_dataset import ensure_phantom
 
     out: dict[str, Any] = {"target_psnr": psnr, "max_epochs": max_epochs}
     p = _parser(overrides)
@@ -393,7 +393,7 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple | None = None, 
     import torch
 
     from custom_components.data import as_flag
-    from custom_components.phantom import ensure_phantom
+    from custom_components.phantom_dataset import ensure_phantom
 
     widths = [widths] if isinstance(widths, str) else list(widths)
     if isinstance(levers, str):

@@ -21,14 +21,14 @@ import sys
 from pathlib import Path
 
 
-def _import_phantom():  # noqa: ANN202 - returns a module
-    """Import ``custom_components.phantom``, adding the repository root to sys.path if needed."""
+def _import_phantom_dataset():  # noqa: ANN202 - returns a module
+    """Import ``custom_components.phantom_dataset``, adding the repository root to sys.path if needed."""
     try:
-        from custom_components import phantom
+        from custom_components import phantom_dataset
     except ModuleNotFoundError:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from custom_components import phantom
-    return phantom
+        from custom_components import phantom_dataset
+    return phantom_dataset
 
 
 def main(output_dir: str, verbose: bool = True, **options) -> None:
@@ -37,7 +37,7 @@ def main(output_dir: str, verbose: bool = True, **options) -> None:
     Args:
         output_dir: folder to write the data set to.
         verbose: log progress to stderr.
-        options: ``custom_components.phantom.write_phantom_dataset`` options, with the same names and defaults:
+        options: ``custom_components.phantom_dataset.write_phantom_dataset`` options, with the same names and defaults:
             ``--task`` t1t2 | mrct, ``--n_train`` 16, ``--n_val`` 4, ``--n_test`` 4, ``--shape`` 96,96,48,
             ``--spacing`` 2.0,2.0,3.0, ``--seed`` 0, ``--overwrite`` (regenerate and replace an existing data set).
     """
@@ -45,7 +45,7 @@ def main(output_dir: str, verbose: bool = True, **options) -> None:
 
     if str(verbose).strip().lower() not in ("false", "0", "no", "off"):  # fire passes 'false' as text
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(_import_phantom().write_phantom_dataset(output_dir, **options))
+    print(_import_phantom_dataset().write_phantom_dataset(output_dir, **options))
 
 
 if __name__ == "__main__":

@@ -234,7 +234,7 @@ def test_bad_model_files_name_the_file_and_what_was_expected(models, tmp_path):
 def test_shipped_demo_weights_synthesise_a_phantom_volume_right_after_a_clone(tmp_path):
     """Issue 11: bundle/models/ holds committed demo weights; inference.json uses them with no --model_dir, and the
     synthetic T2 of a phantom subject is far closer to its real T2 than the T1 source is (a trained model)."""
-    from custom_components.phantom import ensure_phantom
+    from custom_components.phantom_dataset import ensure_phantom
 
     assert (ROOT / "bundle" / "models" / "model.pt").is_file()
     assert (ROOT / "bundle" / "models" / "local_discriminator.pt").is_file()

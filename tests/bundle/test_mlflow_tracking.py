@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from custom_components.phantom import ensure_phantom
+from custom_components.phantom_dataset import ensure_phantom
 
 mlflow = pytest.importorskip("mlflow", reason="MLflow is an optional extra: pip install -c constraints.txt .[tracking]")
 

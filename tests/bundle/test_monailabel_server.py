@@ -15,7 +15,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from custom_components.phantom import ensure_phantom
+from custom_components.phantom_dataset import ensure_phantom
 
 pytest.importorskip("monailabel", reason="MONAI Label is optional (see bundle/docs/README.md, Serving with MONAI Label)")
 requests = pytest.importorskip("requests")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from custom_components.phantom import ensure_phantom
+from custom_components.phantom_dataset import ensure_phantom
 
 ROOT = Path(__file__).resolve().parents[2]
 
