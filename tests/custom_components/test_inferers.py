@@ -107,12 +107,15 @@ def test_bundle_configs_select_the_inferer(config: str) -> None:
     parser.read_config(str(root / "configs" / config))
     parser["bundle_root"] = str(root)
     inferer = parser.get_parsed_content(key)
-    assert isinstance(inferer, WholeSliceInferer) and inferer.divisor == 8  # the 2D default
+    # the 2D default pads to the larger total stride: the half-resolution D2's 16 (the generator's is 8)
+    assert isinstance(inferer, WholeSliceInferer) and inferer.divisor == 16
     parser["slice_mode"] = "window"
     assert type(parser.get_parsed_content(key, lazy=False)) is SliceInferer
     parser["slice_mode"] = "whole"
-    parser["network_def"]["strides"] = [2, 2, 2, 2]
-    parser["generator_channels"] = [4, 8, 16, 32, 64]
-    assert parser.get_parsed_content(key, lazy=False).divisor == 16
+    parser["local_stem_stride"] = 1
+    assert parser.get_parsed_content(key, lazy=False).divisor == 8
+    parser["network_def"]["strides"] = [2, 2, 2, 2, 2]
+    parser["generator_channels"] = [4, 8, 16, 32, 64, 128]
+    assert parser.get_parsed_content(key, lazy=False).divisor == 32
     parser["spatial_dims"] = 3
     assert type(parser.get_parsed_content(key, lazy=False)).__name__ == "SlidingWindowInferer"  # the 3D default

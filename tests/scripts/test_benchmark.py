@@ -26,7 +26,7 @@ def test_benchmark_reports_every_measure(tmp_path):
         [sys.executable, "scripts/benchmark.py", "--steps", "2", "--warmup", "1", "--dataset_dir", str(tmp_path / "ph"),
          "--output", str(out), "--data_epochs", "1", "--inference_repeats", "1", "--variants", "unet,dual_attention",
          "--widths", "shipped", "--nothree_d", "--data_workers", "0", "--ttq_psnr", "3", "--ttq_max_epochs", "1", "--ttq_dataset_dir", str(tmp_path / "ph"),
-         "--overrides", TINY],
+         "--levers", "['gp_interval=4','1 thread']", "--overrides", TINY],
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -47,6 +47,14 @@ def test_benchmark_reports_every_measure(tmp_path):
     # the tiny D2 (8-8-16-16) is neither reported layout, so both are timed through their own inferer
     assert set(inf["confidence_layouts"]) == set(_bench().D2_LAYOUTS)
     assert all(c["confidence_ratio"] > 0 for c in inf["confidence_layouts"].values())
+    # design levers are timed on the earlier layout, speed-only ones on the shipped configuration
+    levers = {lv["lever"]: lv for lv in res["levers"]}
+    assert set(levers) == {"earlier layout (none of the design levers)", "gp_interval=4", "1 thread"}
+    assert levers["gp_interval=4"]["baseline"] == "earlier layout" and levers["1 thread"]["baseline"] == "shipped"
+    earlier = levers["earlier layout (none of the design levers)"]["dual_attention_s"]
+    assert levers["gp_interval=4"]["speedup"] == pytest.approx(earlier / levers["gp_interval=4"]["dual_attention_s"])
+    assert levers["1 thread"]["speedup"] == pytest.approx(
+        rows["shipped", "dual_attention"]["step_s"] / levers["1 thread"]["dual_attention_s"])
     ttq = res["time_to_quality"]
     assert ttq["target_psnr"] == 3 and {"unet", "dual_attention"} <= set(ttq)
     assert all(ttq[v]["reached"] or math.isfinite(ttq[v]["best_psnr"]) for v in ("unet", "dual_attention"))
