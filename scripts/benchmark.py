@@ -15,7 +15,7 @@ one process:
   that are now the defaults (lazy penalty, strided critic, half-resolution D2) each added to the earlier layout, the
   others (bf16, ``channels_last``, ``torch.compile``, one thread) added to the shipped configuration;
 * peak memory of each row (``--memory``): each row runs in its own subprocess, which trains a few steps at batch B
-  and then 2B; the peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, CPU) or the peak CUDA
+  and then 2B; the peak resident set size (``VmHWM`` of ``/proc/self/status``, CPU) or the peak CUDA
   allocation after each gives the memory per patch and the fixed part, hence the largest batch within
   ``--ram_budget_gb``;
 * optional "time to quality" (``--ttq_psnr``): training wall time (validation excluded) until ``unet`` and
@@ -198,12 +198,24 @@ def _step_rows(name: str, overrides: dict[str, Any], variants: list[str], batch:
 
 
 def _peak_mb() -> float:
+    """Peak memory of this process so far: CUDA's peak allocation, else the resident set's high-water mark.
+
+    ``VmHWM`` (Linux) belongs to this program's address space; ``getrusage``'s ``ru_maxrss`` is not used first
+    because Linux carries it across ``exec``, so a probe started by a parent holding the cached BraTS-size volumes
+    would report the parent's peak.
+    """
     import resource
 
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 

@@ -147,3 +147,18 @@ def test_memory_row_arithmetic(monkeypatch):
     m = bench._memory_row({}, "unet", 4, budget_mb=2000.0)
     assert m["mb_per_patch"] == pytest.approx(100.0) and m["fixed_mb"] == pytest.approx(600.0)
     assert m["largest_batch"] == 14  # 600 + 14 * 100 <= 2000 < 600 + 15 * 100
+
+
+def test_memory_probe_reports_its_own_peak_not_its_parents():
+    """Linux keeps getrusage's ru_maxrss across exec: a probe started from a parent holding 2 GB (the cached
+    BraTS-size volumes in a real run) must still report its own, smaller, peak."""
+    import numpy as np
+
+    held = np.ones(2 * 2**30 // 8)  # 2 GiB, touched
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('b', sys.argv[1]); "
+            "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); print(b._peak_mb())")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "scripts" / "benchmark.py")], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    child_mb = float(proc.stdout.split()[-1])
+    assert held.sum() > 0 and 0 < child_mb < 1500, child_mb
