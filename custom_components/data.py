@@ -168,6 +168,13 @@ def check_patch_size(patch_size: Sequence[int], spatial_dims: int, strides: Mapp
                 f"patch_size {list(patch_size)}: {bad} not a multiple of {total}, the total stride of the {net} "
                 f"(each size must be divisible by {total}, e.g. {[max(total, int(p) // total * total) for p in patch_size]})."
             )
+        deepest = [int(p) // total for p in patch_size]
+        if int(np.prod(deepest)) < 2:  # instance/batch norm of one element per channel fails in training
+            raise ValueError(
+                f"patch_size {list(patch_size)}: the {net} reduces it to {' x '.join(map(str, deepest))} at its deepest "
+                f"level (total stride {total}), where normalisation has a single element; make one size at least "
+                f"{2 * total} (e.g. {[2 * total] + [int(p) for p in patch_size[1:]]})."
+            )
 
 
 class PrepareSourceTarget:

@@ -161,6 +161,10 @@ def test_patch_size_must_be_a_multiple_of_the_total_stride():
         check_patch_size([100, 96], 2, {"generator": [2, 2, 2]})
     with pytest.raises(ValueError, match="not a multiple of 16, the total stride of the local"):
         check_patch_size([24, 24], 2, {"generator": [2, 2, 2], "local discriminator": 16})
+    # the half-resolution D2 (total stride 16) would reduce a 16 x 16 patch to one element at its deepest level
+    with pytest.raises(ValueError, match=r"1 x 1 at its deepest level .*at least 32"):
+        check_patch_size([16, 16], 2, {"generator": [2, 2, 2], "local discriminator": 16})
+    check_patch_size([32, 16], 2, {"generator": [2, 2, 2], "local discriminator": 16})
     with pytest.raises(ValueError, match=r"has 2 sizes, expected 3 \(spatial_dims is 3\)"):
         check_patch_size([96, 96], 3, {"generator": [2, 2, 2]})
 

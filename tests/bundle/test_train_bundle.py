@@ -100,7 +100,7 @@ def test_default_paths_short_run_saves_its_model_and_evaluate_finds_it(phantom, 
 
 
 def test_3d_patches_train_with_tumour_and_error_oversampling(phantom, tmp_path):
-    proc = _run(phantom, tmp_path, "--epochs", "2", "--spatial_dims", "3", "--patch_size", "[16,16,16]",
+    proc = _run(phantom, tmp_path, "--epochs", "2", "--spatial_dims", "3", "--patch_size", "[32,16,16]",
                 "--generator_channels", "[4,8,16,16]", "--local_channels", "[4,4,8,8]", "--tumour_weight", "4",
                 "--hard_sampling", "true", "--error_interval", "1")
     assert (tmp_path / "models" / "model.pt").is_file()
