@@ -8,8 +8,7 @@ from .trainer import (
     DualAttentionKeys,
     DualAttentionTrainer,
     Variant,
-    image_panels,
-    scalar_outputs,
+    all_variants,
     uses_global_critic,
     uses_local_discriminator,
     validate_hyperparameters,
@@ -24,10 +23,9 @@ __all__ = [
     "GradientPenalty",
     "LocalDiscriminator",
     "Variant",
+    "all_variants",
     "attention_weight",
     "confidence_map",
-    "image_panels",
-    "scalar_outputs",
     "uses_global_critic",
     "uses_local_discriminator",
     "validate_hyperparameters",
@@ -39,9 +37,9 @@ __version__ = "0.1.0"
 # ``$custom_components.tracking.with_tracking(...)`` works under any config overlay, whatever its ``imports`` list holds
 # (an overlay's list replaces train.json's), without importing optional dependencies up front.
 _SUBMODULES = frozenset({
-    "checkpointing", "data", "errors", "evaluation", "handlers", "inference", "inferers", "label_task", "layouts",
-    "losses", "metrics", "networks", "paths", "phantom", "phantom_dataset", "prepare", "preprocess", "readers",
-    "schedules", "tracking", "trainer", "transforms", "weights",
+    "checkpointing", "data", "distributed", "errors", "evaluation", "handlers", "inference", "inferers", "label_task",
+    "layouts", "losses", "metrics", "networks", "options", "paths", "phantom", "phantom_dataset", "prepare",
+    "preprocess", "readers", "runs", "schedules", "tracking", "trainer", "transforms", "weights",
 })
 
 

@@ -1,4 +1,4 @@
-"""Datalist loading and checking, and batch preparation for the synthesis engines."""
+"""Datalists: loading and checking them before training, the built-in phantom, and batch preparation."""
 
 from __future__ import annotations
 
@@ -11,9 +11,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.utils import str2bool
 
-__all__ = ["DatalistError", "read_datalist_json", "PrepareSourceTarget", "as_flag", "main_rank_only", "check_datalist", "check_patch_size", "check_run_dirs", "check_splits", "check_writable", "latest_checkpoint", "load_datalist", "require_keys"]
+from .options import as_flag
+
+__all__ = [
+    "DatalistError",
+    "PrepareSourceTarget",
+    "check_datalist",
+    "check_patch_size",
+    "check_splits",
+    "checked_datalist",
+    "load_datalist",
+    "prepare_phantom",
+    "read_datalist_json",
+    "require_keys",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +51,9 @@ def load_datalist(datalist: str | os.PathLike, section: str, base_dir: str | os.
     Relative paths are resolved against ``base_dir`` (default: the datalist's folder). Non-path entries
     (``subject``) are kept as they are.
     """
+    # not monai.data.load_decathlon_datalist: it joins an entry other than image/label to base_dir only when that path
+    # exists, so a missing source/target/mask keeps its relative path (the checks would name the wrong file) and a
+    # subject id becomes a path when a folder of that name exists (the phantom's layout)
     path = Path(datalist)
     content = read_datalist_json(path, hint=" (generate the phantom or point 'datalist' to a file)")
     if section not in content:
@@ -177,6 +192,39 @@ def check_patch_size(patch_size: Sequence[int], spatial_dims: int, strides: Mapp
             )
 
 
+def checked_datalist(datalist: str | os.PathLike, section: str, require: Sequence[str] = (), why: str = "",
+                     **check_args: Any) -> list[dict]:
+    """The ``section`` list of ``datalist`` (:func:`load_datalist`), checked by :func:`check_datalist` and, when
+    ``require`` names keys every entry must have, :func:`require_keys` (``why`` says what needs them).
+
+    Errors name the list as ``"<section> list of <datalist>"``. Config use::
+
+        "train_datalist": {"_target_": "custom_components.data.checked_datalist", "datalist": "@datalist",
+                           "section": "training", "require": ["mask"], "why": "patches are sampled inside the mask"}
+    """
+    name = f"{section} list of {datalist}"
+    items = check_datalist(load_datalist(datalist, section), name=name, **check_args)
+    if require:
+        require_keys(items, require, name=name, why=f" ({why})" if why else "")
+    return items
+
+
+def prepare_phantom(dataset_dir: str | os.PathLike, phantom: Mapping[str, Any],
+                    enabled: bool | str = True) -> str | None:
+    """Generate the built-in phantom data set in ``dataset_dir`` (once, on rank 0) unless it is there already.
+
+    ``phantom`` holds the arguments of :func:`custom_components.phantom_dataset.ensure_phantom` (``task``, ``n_train``,
+    ...). Returns the datalist path, or ``None`` when not ``enabled`` (which may be command-line text: train.json's
+    ``make_phantom``).
+    """
+    from .distributed import main_rank_only
+    from .phantom_dataset import ensure_phantom
+
+    if not as_flag(enabled, "make_phantom"):
+        return None
+    return main_rank_only(ensure_phantom, dataset_dir, **phantom)
+
+
 class PrepareSourceTarget:
     """``prepare_batch`` for MONAI engines: ``(source, target)`` from a dict batch, moved to ``device``.
 
@@ -194,120 +242,3 @@ class PrepareSourceTarget:
                 raise KeyError(f"batch has no {key!r} entry (keys: {sorted(batchdata)}).")
         out = [torch.as_tensor(batchdata[k]).to(device=device, non_blocking=non_blocking, **kwargs) for k in keys]
         return out[0], (out[1] if len(out) > 1 else None)
-
-
-def latest_checkpoint(ckpt_dir: str | os.PathLike, pattern: str = "checkpoint_*.pt") -> str:
-    """Path of the checkpoint holding the highest training iteration (read from the files, not their times)."""
-    from .checkpointing import latest_checkpoint as latest
-
-    path = latest(ckpt_dir, pattern)
-    logger.info("resuming from %s", path)
-    return path
-
-
-def check_writable(before: str = "training", **folders: str | os.PathLike) -> None:
-    """Create each folder if needed and check a file can be written in it, before any work.
-
-    Keyword names are the options the folders come from (``ckpt_dir=...``); an error names the option, the folder
-    and the reason. ``before`` names the work that has not started (``"training"``, ``"inference"``).
-    """
-    import tempfile
-
-    problems = []
-    for option, folder in folders.items():
-        if folder is None:
-            continue
-        try:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test_"):
-                pass
-        except OSError as e:
-            problems.append(f"--{option} {str(folder)!r} cannot be written ({type(e).__name__}: {e.strerror or e}).")
-    if problems:
-        raise PermissionError(f"output folder check failed before {before}:\n  " + "\n  ".join(problems))
-
-
-def check_run_dirs(ckpt_dir: str | os.PathLike, model_file: str | os.PathLike, resume: bool | str = False,
-                   overwrite: bool | str = False, pattern: str = "checkpoint_*.pt",
-                   output_dir: str | os.PathLike | None = None, options: dict | None = None, epochs: int | None = None,
-                   apply_changes: bool | str = False) -> None:
-    """Refuse to overwrite an earlier run silently, and check a resume can continue it.
-
-    Every output folder (``output_dir``, ``ckpt_dir``, the folder of ``model_file``) must be writable. A fresh run
-    (``resume=False``) whose checkpoint folder already holds checkpoints, or whose best-model file exists, stops
-    with an error unless ``overwrite=True``, in which case the old files are removed. A resumed run needs a
-    readable checkpoint below ``epochs`` and, unless ``apply_changes``, the same ``options`` as the run that wrote
-    it (see :func:`custom_components.checkpointing.record_run`). ``options`` are recorded beside the checkpoints.
-    Files left by a save that was killed are removed. ``resume``, ``overwrite`` and ``apply_changes`` may be given as
-    command-line text (see :func:`as_flag`).
-    """
-    from .checkpointing import RUN_RECORD, record_run, remove_partial_files
-
-    resume, overwrite = as_flag(resume, "resume"), as_flag(overwrite, "overwrite")
-    apply_changes = as_flag(apply_changes, "apply_changes")
-    ckpt_dir, model_file = Path(ckpt_dir), Path(model_file)
-    check_writable(output_dir=output_dir, ckpt_dir=ckpt_dir, model_dir=model_file.parent)
-    remove_partial_files(ckpt_dir, model_file.parent)
-    if resume:
-        latest_checkpoint(ckpt_dir, pattern)
-        if options is not None:
-            record_run(ckpt_dir, options, resume=True, apply_changes=apply_changes, epochs=epochs)
-        return
-    old = sorted(ckpt_dir.glob(pattern)) + ([model_file] if model_file.exists() else [])
-    if old and not overwrite:
-        raise FileExistsError(
-            f"an earlier run left {len(old)} file(s) ({', '.join(str(f) for f in old[:3])}"
-            f"{', ...' if len(old) > 3 else ''}); pass '--resume true' to continue it or '--overwrite true' to "
-            "start again and replace them (or choose another --ckpt_dir / --model_dir)."
-        )
-    for f in old + ([ckpt_dir / RUN_RECORD] if old and (ckpt_dir / RUN_RECORD).exists() else []):
-        logger.warning("overwrite requested: removing %s", f)
-        f.unlink()
-    if options is not None:
-        record_run(ckpt_dir, options)
-
-
-def as_flag(value: bool | str | int | None, name: str = "flag") -> bool:
-    """A boolean config option given as a bool or as the text a command line passes (``true``/``false``, ``1``/``0``).
-
-    ``python -m monai.bundle run ... --resume true`` hands the config the string ``"true"``; a bare string would
-    always be truthy, so configs read their switches through this function. The words are those of
-    ``monai.utils.str2bool``, plus ``on``/``off`` and an empty or null value (false); anything else is a
-    ``ValueError`` naming the option ``name``.
-    """
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()  # str2bool neither strips nor takes numbers
-    text = _FLAG_WORDS.get(text, text)
-    try:
-        return str2bool(text, raise_exc=True)
-    except ValueError:  # str2bool's message does not say which option was wrong
-        raise ValueError(f"{name} must be true or false, got {value!r}.") from None
-
-
-#: words a switch may be given as that ``monai.utils.str2bool`` does not know (it takes yes/true/t/y/1, no/false/f/n/0):
-#: on/off, and an empty or null value (a switch left unset on the command line) as false
-_FLAG_WORDS = {"on": "true", "off": "false", "none": "false", "null": "false", "": "false"}
-
-
-def main_rank_only(fn, *args: Any, **kwargs: Any) -> Any:
-    """Run ``fn`` on the main process only (rank 0) when ``torch.distributed`` is initialised, else just run it.
-
-    Used for steps that write shared files (generating the phantom, clearing an old run). The other ranks wait;
-    an error on rank 0 is re-raised on every rank so no process is left waiting.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return fn(*args, **kwargs)
-    result, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            result = fn(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
-            error = f"{type(e).__name__}: {e}"
-    box = [error]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise RuntimeError(f"rank 0 failed: {box[0]}")
-    return result

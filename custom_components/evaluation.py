@@ -130,6 +130,9 @@ def save_panel(path: str | os.PathLike, source: np.ndarray, pred: np.ndarray, ta
     return z
 
 
+# Not monai.handlers.MetricsSaver: it writes one "<metric>_raw.csv" per metric handler from their per-image details;
+# here one subject's ~20 region, HU and confidence-QA values come from one pass (one SSIM map) and form one row of
+# metrics.csv, the table scripts/ablation.py aggregates, with the figure of the same subject.
 class SubjectMetricsWriter:
     """Evaluator handler: per-subject metrics to ``metrics.csv``, mean/std to ``summary.json``, optional figures.
 

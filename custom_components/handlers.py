@@ -1,16 +1,57 @@
-"""Ignite handlers of the synthesis bundle."""
+"""Ignite handlers of the synthesis bundle, and the output transforms its logging handlers read the trainer with."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 
 from .losses import GradientPenalty
+from .trainer import DualAttentionKeys
 
-__all__ = ["ErrorWeightedSampling", "GradientPenaltyHandler", "LossProgressBar", "every_n_iterations"]
+__all__ = [
+    "ErrorWeightedSampling",
+    "GradientPenaltyHandler",
+    "LossProgressBar",
+    "attach_handlers",
+    "every_n_iterations",
+    "image_panels",
+    "loss_terms",
+]
+
+
+def loss_terms(output: Any) -> dict[str, float]:
+    """Every plain-float entry (loss terms, gradient penalty, Wasserstein estimate, mean confidence) of the trainer's
+    output, for ``StatsHandler``/``TensorBoardStatsHandler``/``MLFlowHandler``.
+
+    Takes the trainer's per-batch dict or MONAI's decollated form of it (a list of such dicts; the first is read).
+    """
+    item = output[0] if isinstance(output, Sequence) and output and isinstance(output[0], Mapping) else output
+    if not isinstance(item, Mapping):
+        raise TypeError(f"expected the trainer output dict (or a list of them), got {type(output).__name__}.")
+    return {str(k): v for k, v in item.items() if isinstance(v, float)}
+
+
+def image_panels(output: Mapping) -> torch.Tensor:
+    """Synthetic image and, when available, the confidence map M as channels, for ``TensorBoardImageHandler``."""
+    panels = [output[DualAttentionKeys.PRED]]
+    if DualAttentionKeys.CONFIDENCE in output:
+        panels.append(output[DualAttentionKeys.CONFIDENCE])
+    return torch.cat(panels, dim=1)
+
+
+def attach_handlers(engine: Engine, handlers: Iterable[Any]) -> None:
+    """Attach each handler of ``handlers`` to ``engine`` in order, skipping ``None`` (a handler a config disabled).
+
+    For handlers that cannot be in the engine's own handler list because they are built from the engine (the
+    checkpoint saver and loader save and restore the trainer itself).
+    """
+    for handler in handlers:
+        if handler is not None:
+            handler.attach(engine)
 
 
 class GradientPenaltyHandler:

@@ -18,9 +18,12 @@ from monai.data.utils import create_file_basename
 from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import MapTransform
 
+from .options import as_flag
+from .runs import check_writable
+
 __all__ = [
-    "ConfidenceMapd", "InferenceError", "InferenceInputs", "collect_inputs", "common_root", "inference_inputs",
-    "screen_inputs",
+    "ConfidenceMapd", "InferenceError", "InferenceInputs", "collect_inputs", "common_root", "confidence_condition_key",
+    "inference_inputs", "input_root", "screen_inputs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -40,6 +43,15 @@ def collect_inputs(input_path: str | os.PathLike, section: str = "test", source_
             raise FileNotFoundError(f"input folder {str(path)!r} holds no image file ({', '.join(IMAGE_SUFFIXES)}).")
         return [{"subject": f.name.split(".")[0], source_key: str(f)} for f in files]
     raise FileNotFoundError(f"input {str(path)!r} is neither a datalist .json file nor a folder.")
+
+
+def input_root(input_path: str | os.PathLike) -> str:
+    """The folder an input names: a datalist file's folder, or the input folder itself (absolute).
+
+    inference.json's default ``data_root_dir``: outputs mirror the inputs' sub-folders below it.
+    """
+    path = os.path.abspath(input_path)
+    return os.path.dirname(path) if os.path.isfile(path) else path
 
 
 def output_path(source: str, output_dir: str, postfix: str, data_root_dir: str = "", ext: str = ".nii.gz") -> str:
@@ -201,12 +213,16 @@ def inference_inputs(input_path: str | os.PathLike, output_dir: str, section: st
     ``save_confidence`` every input plans a ``confidence`` output beside the ``synthetic`` one.
     Config use: ``{"_target_": "custom_components.inference.inference_inputs", "input_path": "@input", ...}``.
     """
-    from .data import as_flag, check_writable
-
     check_writable(before="inference", output_dir=output_dir)  # before any input is read or any model is run
     postfixes = ["synthetic", "confidence"] if as_flag(save_confidence, "save_confidence") else ["synthetic"]
     return screen_inputs(collect_inputs(input_path, section, source_key), output_dir, source_key=source_key,
                          postfixes=postfixes, data_root_dir=data_root_dir, overwrite=as_flag(overwrite, "overwrite"))
+
+
+def confidence_condition_key(local_conditional: bool | str) -> str | None:
+    """The ``condition_key`` of :class:`ConfidenceMapd` for a D2 trained with or without ``local_conditional`` (which
+    may be command-line text): the evaluator output's ``image`` (the source) for a conditional D2, else ``None``."""
+    return "image" if as_flag(local_conditional, "local_conditional") else None
 
 
 class ConfidenceMapd(MapTransform):

@@ -1,4 +1,4 @@
-"""Synthesis served by MONAI Label: an inference task that runs the bundle's inference.json on one volume.
+"""Synthesis served by MONAI Label: an inference task that runs the bundle's inference config on one volume.
 
 MONAI Label's ``BundleInferTask`` is built for segmentation (it types the result as a label map and casts it to the
 client's ``result_dtype``). :class:`SynthesisTask` instead runs the bundle's own inference pipeline, so the result is
@@ -28,7 +28,8 @@ __all__ = ["SynthesisTask", "synthesise"]
 
 def synthesise(bundle_dir: str | os.PathLike, image: str | os.PathLike, output_dir: str | os.PathLike,
                overrides: dict[str, Any] | None = None) -> dict[str, str]:
-    """Run the bundle's inference.json on one ``image``; return the paths written (``synthetic``, ``confidence``).
+    """Run the bundle's inference config (train.json with inference.json over it) on one ``image``; return the paths
+    written (``synthetic``, ``confidence``).
 
     Raises :class:`ValueError` with the screening reason when the image is rejected (unreadable, not a 3D
     single-channel volume, non-finite values).
@@ -36,13 +37,14 @@ def synthesise(bundle_dir: str | os.PathLike, image: str | os.PathLike, output_d
     from monai.bundle import ConfigParser
 
     from .inference import output_path
+    from .paths import config_files
 
     bundle_dir, image, output_dir = Path(bundle_dir).resolve(), Path(image).resolve(), Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     datalist = output_dir / "request.json"
     datalist.write_text(json.dumps({"test": [{"subject": image.name.split(".")[0], "source": str(image)}]}))
     parser = ConfigParser()
-    parser.read_config(str(bundle_dir / "configs" / "inference.json"))
+    parser.read_config(config_files(bundle_dir, "infer"))
     # data_root_dir: the outputs' sub-folders are taken relative to it, so the image's own folder puts them
     # directly in output_dir (never next to the source)
     parser.update({"bundle_root": str(bundle_dir), "input": str(datalist), "datalist_section": "test",
@@ -91,7 +93,10 @@ class SynthesisTask(_InferTaskBase):  # type: ignore[misc, valid-type]
         return str(self.bundle_dir / "models" / "model.pt")
 
     def is_valid(self) -> bool:
-        return (self.bundle_dir / "configs" / "inference.json").is_file() and Path(self.get_path()).is_file()
+        from .paths import config_files
+
+        configs = config_files(self.bundle_dir, "infer")
+        return all(os.path.isfile(f) for f in configs) and Path(self.get_path()).is_file()
 
     def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         image = request.get("image")

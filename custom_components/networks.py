@@ -13,7 +13,9 @@ import torch
 from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Act, Pool
 
-__all__ = ["GlobalCritic", "LocalDiscriminator", "load_pretrained"]
+from .options import as_flag
+
+__all__ = ["GlobalCritic", "LocalDiscriminator", "load_pretrained", "local_input_channels"]
 
 
 def _check_spatial_dims(spatial_dims: int) -> None:
@@ -185,15 +187,23 @@ class LocalDiscriminator(torch.nn.Module):
         return torch.nn.functional.interpolate(logits, size=x.shape[2:], mode=mode, align_corners=False)
 
 
-def load_pretrained(network: torch.nn.Module, path: str | None) -> torch.nn.Module:
+def local_input_channels(local_conditional: bool | str, image_channels: int = 1) -> int:
+    """Input channels of D2: the image's, doubled when D2 also sees the source (``local_conditional``, which may be
+    command-line text; see :meth:`custom_components.DualAttentionTrainer.local_input`)."""
+    return 2 * image_channels if as_flag(local_conditional, "local_conditional") else image_channels
+
+
+def load_pretrained(network: torch.nn.Module, path: str | None,
+                    device: str | torch.device | None = None) -> torch.nn.Module:
     """Initialise ``network`` from a saved state dict (e.g. a plain UNet's ``model.pt``); ``None`` does nothing.
+    The network is then moved to ``device`` (if given).
 
     Used to start the adversarial training from a generator trained with the plain voxel loss: the difficulty-aware
     attention only has hard regions to find once G renders the easy ones well. Loaded with ``weights_only=True`` and
     checked as inference checks its weights (:func:`custom_components.inference.load_weights`).
     """
-    if path in (None, "", "none", "None"):
-        return network
-    from .inference import load_weights
+    if path not in (None, "", "none", "None"):
+        from .inference import load_weights
 
-    return load_weights(network, path, "cpu", role="pretrained generator", option="pretrained_generator")
+        network = load_weights(network, path, "cpu", role="pretrained generator", option="pretrained_generator")
+    return network if device is None else network.to(device)

@@ -19,7 +19,15 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["bundle_root", "is_source_checkout", "default_data_dir"]
+__all__ = ["WORKFLOW_CONFIGS", "bundle_root", "config_files", "default_data_dir", "is_source_checkout"]
+
+#: the config files each workflow merges, in order: evaluation and inference are overlays on train.json, which holds
+#: the definitions all three share (networks, inferer, data set, intensity settings), so each is written once
+WORKFLOW_CONFIGS = {
+    "train": ("train.json",),
+    "evaluate": ("train.json", "evaluate.json"),
+    "infer": ("train.json", "inference.json"),
+}
 
 _PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 
@@ -71,3 +79,10 @@ def default_data_dir(root: str | os.PathLike, name: str) -> str:
     root = Path(root).resolve()
     base = root.parent if is_source_checkout(root) else root
     return str(base / "data" / name)
+
+
+def config_files(root: str | os.PathLike, workflow: str = "infer") -> list[str]:
+    """Paths of the config files ``workflow`` (a key of :data:`WORKFLOW_CONFIGS`) merges, in ``<root>/configs``."""
+    if workflow not in WORKFLOW_CONFIGS:
+        raise ValueError(f"workflow must be one of {sorted(WORKFLOW_CONFIGS)}, got {workflow!r}.")
+    return [str(Path(root) / "configs" / name) for name in WORKFLOW_CONFIGS[workflow]]

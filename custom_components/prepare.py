@@ -264,7 +264,7 @@ def _prepare(name: str, jobs: list[dict], output: Path, info: dict[str, Any], fr
 
 
 def _check_output(output: str | os.PathLike, overwrite: bool) -> Path:
-    from .data import as_flag
+    from .options import as_flag
 
     output = Path(output)
     if output.suffix != ".json":
@@ -313,7 +313,7 @@ def prepare_brats(root: str | os.PathLike, output: str | os.PathLike, source: st
 
     Returns the datalist written.
     """
-    from .data import as_flag
+    from .options import as_flag
 
     for name, value in (("source", source), ("target", target)):
         if value not in BRATS_MODALITIES or value == "seg":
@@ -354,6 +354,6 @@ def prepare_synthrad(root: str | os.PathLike, output: str | os.PathLike,
                      "ct_key": "target", "hu_min": float(hu_min)})
     info = {"description": "SynthRAD MR -> CT", "task": "mrct", "source_modality": "mr", "target_modality": "ct",
             "root": str(Path(root).resolve())}
-    from .data import as_flag
+    from .options import as_flag
 
     return _prepare("SynthRAD", jobs, output, info, fractions, seed, workers, as_flag(paper_split, "paper_split"))

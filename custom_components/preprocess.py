@@ -240,7 +240,8 @@ def preprocess(input_datalist: str | os.PathLike, output_dir: str | os.PathLike,
 
     Returns ``{"done", "skipped", "failed", "datalist", "log"}``.
     """
-    from .data import as_flag, read_datalist_json
+    from .data import read_datalist_json
+    from .options import as_flag
 
     input_datalist, output_dir = Path(input_datalist), Path(output_dir)
     content = read_datalist_json(input_datalist, name="input_datalist")  # DatalistError is a ValueError

@@ -13,20 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["as_decollated", "loss_terms", "with_tracking"]
+__all__ = ["as_decollated", "with_tracking"]
 
 
 def as_decollated(output: Any) -> Any:
     """The trainer's per-batch dict as MONAI's decollated output (a one-item list); other forms unchanged."""
     return [output] if isinstance(output, Mapping) else output
-
-
-def loss_terms(output: Any) -> dict[str, float]:
-    """Every plain-float entry (loss terms, gradient penalty, Wasserstein estimate, mean confidence) of the output."""
-    item = output[0] if isinstance(output, Sequence) and output and isinstance(output[0], Mapping) else output
-    if not isinstance(item, Mapping):
-        raise TypeError(f"expected the trainer output dict (or a list of them), got {type(output).__name__}.")
-    return {str(k): v for k, v in item.items() if isinstance(v, float)}
 
 
 def _reads_decollated(transform: Callable) -> Callable:

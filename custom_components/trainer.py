@@ -31,8 +31,7 @@ __all__ = [
     "DualAttentionTrainer",
     "FreshBatches",
     "Variant",
-    "image_panels",
-    "scalar_outputs",
+    "all_variants",
     "uses_global_critic",
     "uses_local_discriminator",
     "validate_hyperparameters",
@@ -55,6 +54,11 @@ class FreshBatches(StrEnum):
     NONE = "none"  # one batch and one G(X) for every update (cheapest)
     GENERATOR = "generator"  # the paper (section 2.2): G is updated "using another mini-batch"
     ALL = "all"  # additionally, every critic update after the first uses a fresh batch
+
+
+def all_variants() -> list[str]:
+    """The names of every :class:`Variant`, in the order above (``unet``, the reference, first)."""
+    return [v.value for v in Variant]
 
 
 def _variant(variant: Variant | str) -> Variant:
@@ -136,19 +140,6 @@ class DualAttentionKeys(StrEnum):
     LABEL = CommonKeys.LABEL  # target Y
     PRED = CommonKeys.PRED  # G(X)
     CONFIDENCE = "confidence"  # M
-
-
-def scalar_outputs(output: dict) -> dict[str, float]:
-    """The float entries of the trainer output (loss terms), for ``StatsHandler``/``TensorBoardStatsHandler``."""
-    return {k: v for k, v in output.items() if isinstance(v, float)}
-
-
-def image_panels(output: dict) -> torch.Tensor:
-    """Synthetic image and, when available, the confidence map M as channels, for ``TensorBoardImageHandler``."""
-    panels = [output[DualAttentionKeys.PRED]]
-    if DualAttentionKeys.CONFIDENCE in output:
-        panels.append(output[DualAttentionKeys.CONFIDENCE])
-    return torch.cat(panels, dim=1)
 
 
 def _unwrap(net: torch.nn.Module | None) -> torch.nn.Module | None:

@@ -91,6 +91,9 @@ class InvertibleIntensityWindowd(MapTransform, InvertibleTransform):
         return (img - self.b_min) / (self.b_max - self.b_min) * (a_max - a_min) + a_min
 
 
+# Not MONAI's FgBgToIndicesd/ClassesToIndicesd (with RandCropByPosNegLabeld/RandCropByLabelClassesd): they draw a class
+# with a fixed ratio, then a voxel uniformly inside it; here every voxel has its own weight (foreground 1, tumour
+# 1 + tumour_weight, plus ErrorWeightedSampling's continuous error term), which only a weight map can express.
 class SamplingWeightd(MapTransform):
     """Weight map for ``RandWeightedCropd``: 1 inside the foreground mask, plus ``tumour_weight`` inside the label.
 

@@ -15,9 +15,10 @@ def load_weights(network: torch.nn.Module | None, path: str | os.PathLike, devic
 
     ``None`` (a disabled network) is returned as is. The checks and messages are those of
     :func:`custom_components.inference.load_weights` (missing, empty or truncated file, 2D/3D mix-up, other sizes).
-    Used by inference.json as ``"$custom_components.weights.load_weights(@network_def, @model_path, @device)"``:
-    every tool that parses the config (``monai.bundle run``, MONAI Label, a notebook) then gets a ready network,
-    whether or not it runs the config's ``initialize``.
+    Declared by inference.json and evaluate.json (``{"_target_": "custom_components.weights.load_weights",
+    "network": "@network_def", "path": "@model_path", "device": "@device"}``): every tool that parses the config
+    (``monai.bundle run``, MONAI Label, a notebook) then gets a ready network, whether or not it runs the config's
+    ``initialize``.
     """
     from .inference import load_weights as _load
 

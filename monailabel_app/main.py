@@ -23,8 +23,9 @@ _HERE = Path(__file__).resolve().parent
 
 def _bundle_dir(conf: dict) -> Path:
     bundle = Path(conf.get("bundle", _HERE.parent / "bundle")).resolve()
-    if not (bundle / "configs" / "inference.json").is_file():
-        raise FileNotFoundError(f"--conf bundle {bundle}: no configs/inference.json there.")
+    missing = [name for name in ("train.json", "inference.json") if not (bundle / "configs" / name).is_file()]
+    if missing:  # inference.json is an overlay on train.json, which defines the networks
+        raise FileNotFoundError(f"--conf bundle {bundle}: no configs/{' or configs/'.join(missing)} there.")
     # the bundle's runtime package: a release carries its own copy, a source checkout has it next to bundle/
     for root in (bundle, bundle.parent):
         if (root / "custom_components" / "__init__.py").is_file() and str(root) not in sys.path:

@@ -39,13 +39,6 @@ TABLE_METRICS = ("psnr_volume", "ssim_volume", "mae_volume", "psnr_foreground", 
 RUN_LEVEL_METRICS = ("psnr_volume", "psnr_foreground", "psnr_tumour", "ssim_volume", "mae_tumour")
 
 
-def all_variants() -> list[str]:
-    """The model variants of the package (:class:`custom_components.trainer.Variant`), in its order (``unet`` first)."""
-    from custom_components.trainer import Variant
-
-    return [v.value for v in Variant]
-
-
 def _arg(value) -> str:
     return repr(value) if isinstance(value, (list, dict, tuple)) else str(value)
 
@@ -333,6 +326,8 @@ def main(output_dir: str = "ablation", arms: dict | None = None, seeds: list | t
     """
     import csv
     from concurrent.futures import ThreadPoolExecutor
+
+    from custom_components import all_variants
 
     out = Path(output_dir).resolve()
     arms = arms or {v: {"variant": v} for v in all_variants()}

@@ -74,13 +74,6 @@ D2_LAYOUTS: dict[str, dict[str, Any]] = {
 SPEED_ONLY = ("channels_last", "torch.compile (G, D2)", "1 thread", "bf16 autocast")
 
 
-def all_variants() -> list[str]:
-    """The model variants of the package (:class:`custom_components.trainer.Variant`), in its order (``unet`` first)."""
-    from custom_components.trainer import Variant
-
-    return [v.value for v in Variant]
-
-
 def _parser(overrides: dict[str, Any]):
     from monai.bundle import ConfigParser
 
@@ -258,7 +251,7 @@ def _inference(overrides: dict[str, Any], repeats: int) -> dict[str, Any]:
     volume = p.get_parsed_content("validate#dataset")[0]["source"][None].to(p.get_parsed_content("device"))
     inferer = p.get_parsed_content("validate#inferer")
     res: dict[str, Any] = {"volume_shape": list(volume.shape[2:]), "inferer": type(inferer).__name__,
-                           "sw_batch_size": int(p["val_sw_batch_size"])}
+                           "sw_batch_size": int(p["sw_batch_size"])}
 
     def timed(fn) -> float:
         fn()  # warm-up
@@ -330,13 +323,8 @@ def _time_to_quality(overrides: dict[str, Any], psnr: float, max_epochs: int) ->
     """Training wall time (validation excluded) of unet and dual_attention until validation PSNR >= ``psnr``."""
     from ignite.engine import Events
 
-    from custom_components.data import as_flag
-    from custom_components.phantom_dataset import ensure_phantom
-
     out: dict[str, Any] = {"target_psnr": psnr, "max_epochs": max_epochs}
-    p = _parser(overrides)
-    if as_flag(p.get_parsed_content("make_phantom"), "make_phantom"):
-        ensure_phantom(p.get_parsed_content("dataset_dir"), **p.get_parsed_content("phantom"))
+    _parser(overrides).get_parsed_content("prepare_data")  # the config's own step: the phantom, if make_phantom
     for variant in ("unet", "dual_attention"):
         with tempfile.TemporaryDirectory() as tmp:
             p = _parser({"adversarial_warmup": 0, **overrides, "variant": variant, "epochs": max_epochs, "val_interval": 1,
@@ -398,8 +386,8 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple | None = None, 
     Args:
         steps: timed iterations per row (after ``warmup`` more).
         warmup: iterations left out of each timing.
-        variants: variants to time, default all of :func:`all_variants` (``unet`` is always included: it is the
-            reference).
+        variants: variants to time, default all of :func:`custom_components.all_variants` (``unet`` is always
+            included: it is the reference).
         overrides: train.json overrides applied to every row (e.g. ``{"gp_interval": 4}``).
         dataset_dir: data set folder (default: the config's phantom, or the BraTS-size phantom with ``real_size``).
         output: JSON file for the results.
@@ -424,8 +412,7 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple | None = None, 
         return None
     import torch
 
-    from custom_components.data import as_flag
-    from custom_components.phantom_dataset import ensure_phantom
+    from custom_components import all_variants
 
     widths = [widths] if isinstance(widths, str) else list(widths)
     if isinstance(levers, str):
@@ -440,8 +427,7 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple | None = None, 
     elif dataset_dir:
         base["dataset_dir"] = dataset_dir
     parser = _parser(base)
-    if as_flag(parser.get_parsed_content("make_phantom"), "make_phantom"):
-        ensure_phantom(parser.get_parsed_content("dataset_dir"), **parser.get_parsed_content("phantom"))
+    parser.get_parsed_content("prepare_data")  # the config's own step: the phantom, if make_phantom
 
     results: dict[str, Any] = {"device": str(parser.get_parsed_content("device")), "torch_threads": torch.get_num_threads(),
                                "config_overrides": base, "steps": steps, "warmup": warmup, "rows": []}

@@ -7,7 +7,8 @@ Two commands:
 pip install) and ``<output_dir>/<name>_v<version>.zip``, the file name ``monai.bundle download`` expects::
 
     python scripts/export_bundle.py export --output_dir release
-    cd release/dual_attention_synthesis && python -m monai.bundle run inferring --config_file configs/inference.json
+    cd release/dual_attention_synthesis && python -m monai.bundle run inferring \
+        --config_file "['configs/train.json','configs/inference.json']"
 
 ``promote``: copy a run's best weights (``<run_dir>/models/model.pt`` and ``local_discriminator.pt``) into
 ``bundle/models/`` and record the run's validation metrics at the best epoch as ``eval_metrics`` in
@@ -49,7 +50,8 @@ def _read_metadata(bundle_dir: Path) -> dict:
 
 
 def check_weights(bundle_dir: str | Path, models_dir: str | Path | None = None) -> list[Path]:
-    """Load the weight files of ``models_dir`` (default ``<bundle_dir>/models``) into the networks of inference.json.
+    """Load the weight files of ``models_dir`` (default ``<bundle_dir>/models``) into the networks of the inference
+    config (train.json with inference.json over it).
 
     ``model.pt`` is required and must match ``network_def``; ``local_discriminator.pt`` is optional and must match
     ``local_discriminator``. Returns the files checked; raises naming the file and what did not match.
@@ -57,13 +59,15 @@ def check_weights(bundle_dir: str | Path, models_dir: str | Path | None = None) 
     import torch
     from monai.bundle import ConfigParser
 
+    from custom_components.paths import config_files
+
     bundle_dir = Path(bundle_dir).resolve()
     models_dir = Path(models_dir) if models_dir is not None else bundle_dir / "models"
     model = models_dir / "model.pt"
     if not model.is_file():
         raise FileNotFoundError(f"no generator weights: {model} does not exist (train, then run `promote`).")
     parser = ConfigParser()
-    parser.read_config(str(bundle_dir / "configs" / "inference.json"))
+    parser.read_config(config_files(bundle_dir, "infer"))
     parser.update({"bundle_root": str(bundle_dir), "device": "cpu", "save_confidence": True})
     checked = []
     for file, net_id in ((model, "network_def"), (models_dir / "local_discriminator.pt", "local_discriminator")):

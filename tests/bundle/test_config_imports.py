@@ -46,10 +46,10 @@ def test_unknown_attribute_still_raises():
 
 
 def test_multi_gpu_overlay_keeps_every_check_of_train_json():
-    """The DDP overlay replaces ``initialize``: it must still run every check train.json runs before work starts."""
+    """The DDP overlay switches the process-group step of train.json's ``initialize`` on instead of restating the
+    list, so every check train.json runs before work starts also runs under DDP, first of all joining the group."""
     train = json.loads((ROOT / "bundle" / "configs" / "train.json").read_text())
     multi = json.loads((ROOT / "bundle" / "configs" / "multi_gpu_train.json").read_text())
-    missing = [step for step in train["initialize"] if step not in multi["initialize"]]
-    assert missing == []
-    # and it wraps the generator train.json builds (pre-trained weights included), not a bare network_def
-    assert "load_pretrained(@network_def, @pretrained_generator)" in multi["network"]
+    assert "initialize" not in multi
+    assert train["initialize"][0] == "@init_distributed" and train["init_distributed"]["_disabled_"] is True
+    assert multi["init_distributed#_disabled_"] is False

@@ -19,11 +19,14 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from custom_components.paths import config_files
 from custom_components.phantom_dataset import ensure_phantom
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = ROOT.parent / "shared" / "monai-schema" / "meta_schema_20240725.json"
-REQUIRED_FILES = ["configs/metadata.json", "configs/inference.json", "models/model.pt", "docs/README.md", "LICENSE"]
+REQUIRED_FILES = ["configs/metadata.json", "configs/train.json", "configs/inference.json", "models/model.pt",
+                  "docs/README.md", "LICENSE"]
+INFERENCE_CONFIGS = "['configs/train.json','configs/inference.json']"  # --config_file of the release's inference
 TINY_PHANTOM = {"task": "t1t2", "n_train": 1, "n_val": 1, "n_test": 1, "shape": [32, 32, 32], "seed": 2}
 
 _spec = importlib.util.spec_from_file_location("export_bundle", ROOT / "scripts" / "export_bundle.py")
@@ -33,7 +36,7 @@ _spec.loader.exec_module(export_bundle)
 
 def _networks(bundle: Path, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
     parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser.read_config(config_files(bundle, "infer"))
     parser.update({"bundle_root": str(bundle), "device": "cpu", "save_confidence": True})
     torch.manual_seed(seed)
     return parser.get_parsed_content("network_def"), parser.get_parsed_content("local_discriminator")
@@ -126,9 +129,9 @@ def test_release_metadata_verifies_against_the_schema(release):
 
 def test_release_net_in_out_and_torchscript_export_match_eager(release, tmp_path):
     folder = release.parent / "dual_attention_synthesis"
-    for args in (["verify_net_in_out", "network_def", "--config_file", "configs/inference.json"],
+    for args in (["verify_net_in_out", "network_def", "--config_file", INFERENCE_CONFIGS],
                  ["ckpt_export", "network_def", "--filepath", str(tmp_path / "model.ts"),
-                  "--config_file", "configs/inference.json"]):
+                  "--config_file", INFERENCE_CONFIGS]):
         proc = subprocess.run([sys.executable, "-m", "monai.bundle", *args, "--meta_file", "configs/metadata.json"],
                               cwd=folder, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -155,7 +158,8 @@ def test_properties_complete_and_bundle_root_follows_the_configs(where, release,
     assert train.check_properties() == []
     assert Path(train.bundle_root) == folder.resolve()
     assert Path(train.parser.get_parsed_content("model_dir")) == tmp_path / "run" / "models"
-    infer = ConfigWorkflow(config_file=f"{configs}/inference.json", meta_file=f"{configs}/metadata.json",
+    infer = ConfigWorkflow(config_file=[f"{configs}/train.json", f"{configs}/inference.json"],
+                           meta_file=f"{configs}/metadata.json",
                            logging_file=False, workflow_type="infer", dataset_dir=str(data),
                            output_dir=str(tmp_path / "out"))
     assert infer.parser["model_dir"] == "$@bundle_root + '/models'"  # the shipped weights, wherever the bundle is
@@ -211,7 +215,7 @@ def test_unzipped_release_runs_inference_without_the_repository(release, tmp_pat
     assert subprocess.run([sys.executable, "-S", "-c", "import custom_components"], cwd=tmp_path, env=env,
                           capture_output=True).returncode != 0  # not importable from anywhere else
     proc = subprocess.run([sys.executable, "-S", "-m", "monai.bundle", "run", "inferring", "--config_file",
-                           "configs/inference.json"], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+                           INFERENCE_CONFIGS], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     outputs = folder / "inference"
     summary = json.loads((outputs / "inference_summary.json").read_text())

@@ -1,4 +1,5 @@
-"""`run inferring` with inference.json, TorchScript export, and verify_net_in_out (bundle CLI in subprocesses)."""
+"""`run inferring` with inference.json (over train.json), TorchScript export, and verify_net_in_out (bundle CLI in
+subprocesses)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from custom_components.paths import config_files
+
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "bundle" / "configs" / "inference.json"
+CONFIGS = config_files(ROOT / "bundle", "infer")  # train.json, then inference.json over it
+CONFIG = str(CONFIGS)  # as --config_file takes them: "['.../train.json', '.../inference.json']"
 META = ROOT / "bundle" / "configs" / "metadata.json"
 SMALL = ["--generator_channels", "[4,8,16,16]", "--local_channels", "[4,4,8,8]", "--patch_size", "[32,32]"]
 
@@ -33,7 +37,7 @@ def models(tmp_path_factory):
     """Randomly initialised generator and local discriminator saved as the training run saves them."""
     out = tmp_path_factory.mktemp("models")
     parser = ConfigParser()
-    parser.read_config(str(CONFIG))
+    parser.read_config(CONFIGS)
     parser.update({"generator_channels": [4, 8, 16, 16], "local_channels": [4, 4, 8, 8], "save_confidence": True,
                    "device": "cpu"})
     torch.manual_seed(0)
@@ -178,7 +182,7 @@ def test_every_screened_format_is_readable_by_the_inference_pipeline(tmp_path, e
     screened = screen_inputs([{"source": str(path)}], str(tmp_path / "out"))
     assert screened.failed == [] and len(screened.items) == 1
     parser = ConfigParser()
-    parser.read_config(str(CONFIG))
+    parser.read_config(CONFIGS)
     loader = next(t for t in parser.get_parsed_content("preprocessing").transforms if "Load" in type(t).__name__)
     loaded = loader({"source": str(path)})["source"]
     assert tuple(loaded.shape) == (1, *data.shape)
@@ -191,7 +195,7 @@ def test_torchscript_export_matches_eager_and_net_in_out_verifies(models, tmp_pa
     _bundle("ckpt_export", "network_def", "--filepath", ts, "--ckpt_file", models / "model.pt", "--meta_file", META,
             "--config_file", CONFIG, *SMALL[:2])
     parser = ConfigParser()
-    parser.read_config(str(CONFIG))
+    parser.read_config(CONFIGS)
     parser.update({"generator_channels": [4, 8, 16, 16], "device": "cpu"})
     eager = parser.get_parsed_content("network_def")
     eager.load_state_dict(torch.load(models / "model.pt", weights_only=True))
@@ -208,7 +212,7 @@ def test_bad_model_files_name_the_file_and_what_was_expected(models, tmp_path):
     from custom_components.inference import load_weights
 
     parser = ConfigParser()
-    parser.read_config(str(CONFIG))
+    parser.read_config(CONFIGS)
     parser.update({"generator_channels": [4, 8, 16, 16], "device": "cpu"})
     net = parser.get_parsed_content("network_def")
     empty = tmp_path / "empty.pt"

@@ -14,6 +14,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from custom_components.label_task import SynthesisTask
+from custom_components.paths import config_files
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"generator_channels": [4, 8, 16, 16], "local_channels": [4, 4, 8, 8], "patch_size": [32, 32]}
@@ -21,7 +22,7 @@ SMALL = {"generator_channels": [4, 8, 16, 16], "local_channels": [4, 4, 8, 8], "
 
 def _parser(bundle: Path, **overrides) -> ConfigParser:
     parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser.read_config(config_files(bundle, "infer"))
     parser.update({"bundle_root": str(bundle), "device": "cpu", **SMALL, **overrides})
     return parser
 
@@ -82,7 +83,7 @@ def test_task_returns_float32_synthesis_in_source_geometry_equal_to_the_bundle_c
     assert conf.get_data_dtype() == np.float32 and conf.shape == data.shape
     np.testing.assert_allclose(conf.affine, affine, atol=1e-5)
     cli_out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "inferring", "--config_file", str(bundle / "configs" / "inference.json"),
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "inferring", "--config_file", str(config_files(bundle, "infer")),
            "--bundle_root", str(bundle), "--input", str(path.parent), "--output_dir", str(cli_out)]
     for key, value in SMALL.items():
         cmd += [f"--{key}", str(value).replace(" ", "")]

@@ -83,13 +83,15 @@ def test_bundle_version_is_the_package_version():
 
 
 def test_network_data_format_matches_the_inference_network():
-    """Channels, spatial rank and shape rule of ``network_data_format`` hold for inference.json's generator."""
+    """Channels, spatial rank and shape rule of ``network_data_format`` hold for the inference config's generator."""
     import torch
     from monai.bundle import ConfigParser
 
+    from custom_components.paths import config_files
+
     meta = json.loads((ROOT / "bundle/configs/metadata.json").read_text())
     parser = ConfigParser()
-    parser.read_config(str(ROOT / "bundle/configs/inference.json"))
+    parser.read_config(config_files(ROOT / "bundle", "infer"))
     parser.update({"bundle_root": str(ROOT / "bundle")})
     fmt = meta["network_data_format"]
     image, pred = fmt["inputs"]["image"], fmt["outputs"]["pred"]

@@ -15,6 +15,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from custom_components.paths import config_files
 from custom_components.phantom_dataset import ensure_phantom
 
 pytest.importorskip("monailabel", reason="MONAI Label is optional (see bundle/docs/README.md, Serving with MONAI Label)")
@@ -35,7 +36,7 @@ def test_server_returns_float32_synthesis_in_source_geometry(tmp_path):
     shutil.copytree(ROOT / "bundle" / "configs", bundle / "configs")
     (bundle / "models").mkdir()
     parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser.read_config(config_files(bundle, "infer"))
     parser.update({"bundle_root": str(bundle), "device": "cpu", "save_confidence": True})
     torch.manual_seed(0)
     torch.save(parser.get_parsed_content("network_def").state_dict(), bundle / "models" / "model.pt")
@@ -77,7 +78,7 @@ def test_server_returns_float32_synthesis_in_source_geometry(tmp_path):
     src = nib.load(source)
     reference = tmp_path / "cli"
     subprocess.run([sys.executable, "-m", "monai.bundle", "run", "inferring", "--config_file",
-                    str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle), "--input", str(studies),
+                    str(config_files(bundle, "infer")), "--bundle_root", str(bundle), "--input", str(studies),
                     "--output_dir", str(reference)], check=True, capture_output=True, timeout=600)
     for model, postfix in (("synthesis", "synthetic"), ("synthesis_confidence", "confidence")):
         img = outputs[model]

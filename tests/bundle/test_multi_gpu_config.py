@@ -2,14 +2,13 @@
 
 train.json marks every handler that only the main process needs (logging, TensorBoard, progress bar, checkpoint
 and best-model savers) with ``"_disabled_": "$not @is_main"``; the overlay only sets ``is_main`` from the rank and
-``unwrapped_network`` (what handlers and the evaluator use) to the network without its DDP wrapper. Inserting a
-handler into train.json cannot switch off the wrong one. The DDP run itself is tested in test_fault_tolerance.py.
+wraps ``network`` (what the trainer updates) in DDP, while ``unwrapped_network`` (what handlers and the evaluator use)
+stays the generator without the wrapper. Inserting a handler into train.json cannot switch off the wrong one. The DDP
+run itself is tested in test_fault_tolerance.py; overlays addressing no list position in test_configs_declarative.py.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
 import pytest
@@ -33,11 +32,6 @@ def _enabled(is_main: bool) -> dict[str, list[str]]:
     return out
 
 
-def test_overlay_addresses_no_list_position():
-    overlay = json.loads((CONFIGS / "multi_gpu_train.json").read_text())
-    assert [k for k in overlay if re.search(r"#\d+(#|$)", k)] == []
-
-
 def test_other_ranks_keep_only_the_handlers_every_rank_needs():
     other = _enabled(is_main=False)
     assert other["train#handlers"] == ["DelayedValidationHandler", "ErrorWeightedSampling", "IterationLrSchedule"]
@@ -57,8 +51,11 @@ def test_handlers_use_the_generator_without_its_ddp_wrapper(where, key):
     parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")])
     uses = [h[key] for h in parser[where] if key in h]
     assert "@unwrapped_network" in uses or {"model": "@unwrapped_network"} in uses
-    assert parser["unwrapped_network"] == "@network_def"
     assert parser["validate"]["evaluator"]["network"] == "@unwrapped_network"
+    # the trainer's network is the same generator (pre-trained weights included) inside the DDP wrapper
+    assert parser["network"] == {"_target_": "custom_components.distributed.wrap_ddp", "network": "@unwrapped_network",
+                                 "device": "@device"}
     single = ConfigParser()
     single.read_config(str(CONFIGS / "train.json"))
-    assert single["unwrapped_network"] == "@network" and single["is_main"] is True
+    assert single["network"] == "@unwrapped_network" and single["is_main"] is True
+    assert single["unwrapped_network"]["_target_"] == "custom_components.networks.load_pretrained"

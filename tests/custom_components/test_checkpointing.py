@@ -16,7 +16,6 @@ from custom_components.checkpointing import (
     latest_checkpoint,
     record_run,
 )
-from custom_components.data import check_run_dirs, check_writable
 
 
 def _trainer_ckpt(path, iteration, epoch):
@@ -161,15 +160,3 @@ def test_apply_changes_sets_the_new_learning_rate_on_the_restored_optimizer(tmp_
     assert new_opt.param_groups[0]["lr"] == 1e-3  # restored as checkpointed
     ResumeLoader(tmp_path, {"net": net, "opt": new_opt, "trainer": engine2}, apply_changes=True)(engine2)
     assert new_opt.param_groups[0]["lr"] == 1e-5 and engine2.state.epoch == 1
-
-
-def test_unwritable_output_folders_are_named_before_training(tmp_path):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("x")
-    with pytest.raises(PermissionError) as e:
-        check_writable(output_dir=tmp_path / "ok", ckpt_dir=blocker / "ckpt", model_dir=blocker / "models")
-    msg = str(e.value)
-    assert f"--ckpt_dir {str(blocker / 'ckpt')!r} cannot be written" in msg and "--model_dir" in msg
-    assert "--output_dir" not in msg
-    with pytest.raises(PermissionError, match="--model_dir"):
-        check_run_dirs(tmp_path / "ckpt", blocker / "models" / "model.pt")

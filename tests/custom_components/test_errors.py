@@ -10,7 +10,7 @@ from custom_components import errors
 
 
 def _raise_project_error():
-    from custom_components.data import check_writable
+    from custom_components.runs import check_writable
 
     check_writable(before="inference", output_dir="/dev/null/sub")  # /dev/null is not a folder
 
@@ -59,3 +59,22 @@ def test_installing_twice_wraps_the_factory_once(plain_logging):
     once = logging.getLogRecordFactory()
     errors.report_errors_plainly()
     assert logging.getLogRecordFactory() is once
+
+
+def test_project_errors_are_reported_plainly_first():
+    """Issue 10, item 14: the project's message, not MONAI's ConfigExpression wrapper, comes first."""
+    from custom_components.data import DatalistError, check_datalist
+    from custom_components.errors import format_project_error
+
+    def config_expression():
+        try:
+            check_datalist([])
+        except DatalistError as e:
+            raise RuntimeError("Failed to evaluate ConfigExpression ...") from e
+
+    with pytest.raises(RuntimeError) as e:
+        config_expression()
+    text = format_project_error(e.value)
+    assert text.startswith("ERROR (DatalistError): datalist: the list of subjects is empty.")
+    assert "custom_components/data.py" in text and "ConfigExpression" not in text
+    assert format_project_error(RuntimeError("not ours")) is None

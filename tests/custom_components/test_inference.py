@@ -1,4 +1,5 @@
-"""inference_inputs: the inputs step of inference.json (collect, then screen with the config's switches)."""
+"""inference_inputs, the inputs step of inference.json (collect, then screen with the config's switches), and the
+helpers the inference config declares its defaults with."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import numpy as np
 import pytest
 from monai.bundle import ConfigParser
 
-from custom_components.inference import InferenceInputs, inference_inputs
+from custom_components.inference import InferenceInputs, confidence_condition_key, inference_inputs, input_root
+from custom_components.paths import config_files
 
-CONFIG = Path(__file__).resolve().parents[2] / "bundle" / "configs" / "inference.json"
+BUNDLE = Path(__file__).resolve().parents[2] / "bundle"
 
 
 @pytest.fixture
@@ -60,8 +62,21 @@ def test_section_and_source_key_of_a_datalist(folder, tmp_path):
 
 def test_inference_config_builds_its_inputs_with_this_function(folder, tmp_path):
     parser = ConfigParser()
-    parser.read_config(str(CONFIG))
+    parser.read_config(config_files(BUNDLE, "infer"))
     parser.update({"input": str(folder), "output_dir": str(tmp_path / "out"), "save_confidence": "true"})
     inputs = parser.get_parsed_content("inputs")
     assert isinstance(inputs, InferenceInputs) and inputs.data_root_dir == str(folder)
     assert _planned(inputs)["b.nii.gz"] == ["b_confidence.nii.gz", "b_synthetic.nii.gz"]
+
+
+def test_input_root_is_the_datalist_folder_or_the_input_folder(folder, tmp_path, monkeypatch):
+    dl = tmp_path / "datalist.json"
+    dl.write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert input_root("datalist.json") == str(tmp_path)  # absolute, whatever the working directory
+    assert input_root(folder) == str(folder)
+
+
+@pytest.mark.parametrize("local_conditional, key", [(True, "image"), ("true", "image"), (False, None), ("off", None)])
+def test_a_conditional_local_discriminator_sees_the_source_beside_the_synthetic_image(local_conditional, key):
+    assert confidence_condition_key(local_conditional) == key

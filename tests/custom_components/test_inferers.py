@@ -95,16 +95,17 @@ def test_factory_and_bad_arguments() -> None:
         WholeSliceInferer()(torch.zeros(1, 1, 32, 32), _unet())
 
 
-@pytest.mark.parametrize("config", ["train.json", "inference.json"])
-def test_bundle_configs_select_the_inferer(config: str) -> None:
+@pytest.mark.parametrize("workflow, key", [("train", "validate#inferer"), ("infer", "inferer")])
+def test_bundle_configs_select_the_inferer(workflow: str, key: str) -> None:
     from pathlib import Path
 
     from monai.bundle import ConfigParser
 
+    from custom_components.paths import config_files
+
     root = Path(__file__).resolve().parents[2] / "bundle"
-    key = "validate#inferer" if config == "train.json" else "inferer"
     parser = ConfigParser()
-    parser.read_config(str(root / "configs" / config))
+    parser.read_config(config_files(root, workflow))
     parser["bundle_root"] = str(root)
     inferer = parser.get_parsed_content(key)
     # the 2D default pads to the larger total stride: the half-resolution D2's 16 (the generator's is 8)

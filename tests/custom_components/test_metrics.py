@@ -1,4 +1,4 @@
-"""The confidence map's quality as an error detector (custom_components.metrics.confidence_qa)."""
+"""Masked regression metrics, and the confidence map's quality as an error detector (custom_components.metrics)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ import torch
 from ignite.engine import Engine, Events
 from scipy.stats import spearmanr
 
-from custom_components.metrics import QA_KEYS, ConfidenceQAMetric, confidence_qa
+from custom_components.metrics import (
+    QA_KEYS,
+    ConfidenceQAMetric,
+    MaskedRegressionMetric,
+    batch_items,
+    confidence_qa,
+    masked_mae,
+    masked_psnr,
+)
 
 
 def _volume(seed=0, shape=(1, 24, 20, 6)):
@@ -98,3 +106,32 @@ def test_metric_without_confidence_map_says_what_to_add():
     metric.reset()
     with pytest.raises(KeyError, match="ConfidenceMapd"):
         metric.update(([{"pred": pred, "label": target}], [{}]))
+
+
+def test_masked_metrics_match_hand_computation():
+    pred = torch.tensor([[[0.0, 0.5], [1.0, 1.0]]])
+    target = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])
+    mask = torch.tensor([[[0, 1], [1, 0]]])
+    assert masked_mae(pred, target, mask) == pytest.approx((0.5 + 1.0) / 2)
+    assert masked_psnr(pred, target, mask, 1.0) == pytest.approx(10 * math.log10(1 / ((0.25 + 1.0) / 2)))
+    assert math.isnan(masked_mae(pred, target, torch.zeros_like(mask)))
+
+
+def test_masked_metric_on_engine_averages_non_empty_volumes():
+    vols = [(torch.full((1, 2, 2), 0.5), torch.ones(1, 2, 2), torch.ones(1, 2, 2)),
+            (torch.full((1, 2, 2), 0.9), torch.ones(1, 2, 2), torch.zeros(1, 2, 2)),  # empty tumour: skipped
+            (torch.full((1, 2, 2), 0.75), torch.ones(1, 2, 2), None)]  # no label at all: skipped
+
+    def step(engine, batch):
+        pred, target, label = batch
+        engine.state.batch = [{"label": label} if label is not None else {}]
+        return [{"pred": pred, "label": target}]
+
+    engine = Engine(step)
+    from monai.handlers import from_engine
+
+    metric = MaskedRegressionMetric("mae", output_transform=from_engine(["pred", "label"]),
+                                    batch_transform=batch_items("label"))
+    metric.attach(engine, "mae_tumour")
+    engine.run(vols, max_epochs=1)
+    assert engine.state.metrics["mae_tumour"] == pytest.approx(0.5)

@@ -101,3 +101,25 @@ def test_half_resolution_local_discriminator_checks_stride_and_multiple():
         LocalDiscriminator(stem_stride=4)
     with pytest.raises(ValueError, match="multiples of 16"):
         LocalDiscriminator(stem_stride=2)(torch.rand(1, 1, 24, 32))
+
+
+@pytest.mark.parametrize("local_conditional, channels", [(False, 1), ("false", 1), (True, 2), ("true", 2)])
+def test_local_input_channels_double_when_d2_also_sees_the_source(local_conditional, channels):
+    from custom_components.networks import local_input_channels
+
+    assert local_input_channels(local_conditional) == channels
+    disc = LocalDiscriminator(spatial_dims=2, in_channels=local_input_channels(local_conditional), channels=(4,) * 4)
+    assert disc(torch.rand(1, channels, 16, 16)).shape == (1, 1, 16, 16)
+
+
+def test_load_pretrained_loads_the_weights_and_moves_the_network(tmp_path):
+    from custom_components.networks import load_pretrained
+
+    torch.manual_seed(0)
+    saved, fresh = torch.nn.Conv2d(1, 2, 3), torch.nn.Conv2d(1, 2, 3)
+    torch.save(saved.state_dict(), tmp_path / "model.pt")
+    assert load_pretrained(fresh, None, "cpu") is fresh and not torch.equal(fresh.weight, saved.weight)  # no file
+    loaded = load_pretrained(fresh, str(tmp_path / "model.pt"), "cpu")
+    assert loaded is fresh and torch.equal(loaded.weight, saved.weight)
+    with pytest.raises(FileNotFoundError, match="--pretrained_generator"):
+        load_pretrained(fresh, str(tmp_path / "missing.pt"))

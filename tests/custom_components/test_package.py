@@ -27,3 +27,11 @@ def test_star_import_gives_exactly_the_public_names():
 
 def test_sub_modules_still_load_on_access():
     assert custom_components.schedules.__name__ == "custom_components.schedules"
+
+
+def test_every_module_of_the_package_loads_on_access():
+    """A new module must be listed in ``_SUBMODULES``, or configs naming it fail under overlays that drop its import."""
+    from pathlib import Path
+
+    files = {p.stem for p in Path(custom_components.__file__).parent.glob("*.py") if p.stem != "__init__"}
+    assert sorted(files) == sorted(custom_components._SUBMODULES)

@@ -15,12 +15,12 @@ from custom_components import (
     GlobalCritic,
     LocalDiscriminator,
     Variant,
-    image_panels,
-    scalar_outputs,
+    all_variants,
     uses_global_critic,
     uses_local_discriminator,
     validate_hyperparameters,
 )
+from custom_components.handlers import image_panels, loss_terms
 
 
 #: the networks each variant trains, written out from the paper (section 3.1-3.2) rather than computed from
@@ -77,7 +77,7 @@ def test_variant_updates_exactly_its_networks(variant, spatial_dims):
     trainer.run()
     assert {name for name, net in nets.items() if _changed(net, before[name])} == NETWORKS[Variant(variant)]
     out = trainer.state.output
-    scalars = scalar_outputs(out)
+    scalars = loss_terms(out)
     assert set(scalars) == {"loss", "loss_recon", "attention_mean"} | EXPECTED_TERMS[variant]
     assert all(isinstance(v, float) for v in scalars.values())
     assert (out[DualAttentionKeys.ATTENTION_MEAN] < 1.0) == (variant == "dual_attention")
@@ -86,6 +86,11 @@ def test_variant_updates_exactly_its_networks(variant, spatial_dims):
     assert set(trainer.checkpoint_dict()) == {"generator", "g_optimizer", "trainer"} | (
         {"global_critic", "global_optimizer"} if d1 else set()) | (
         {"local_discriminator", "local_optimizer"} if d2 else set())
+
+
+def test_all_variants_are_the_five_of_the_paper_reference_first():
+    """The arms of scripts/ablation.py and the rows of scripts/benchmark.py: the UNet reference, then the GANs."""
+    assert all_variants() == ["unet", "global", "local", "dual", "dual_attention"]
 
 
 @pytest.mark.parametrize("variant", list(Variant))
@@ -181,7 +186,7 @@ def test_bf16_autocast_trains_all_networks_on_cpu():
     before = [copy.deepcopy(n.state_dict()) for n in (g, d1, d2)]
     trainer.run()
     assert all(_changed(n, b) for n, b in zip((g, d1, d2), before))
-    assert all(math.isfinite(v) for v in scalar_outputs(trainer.state.output).values())
+    assert all(math.isfinite(v) for v in loss_terms(trainer.state.output).values())
 
 
 def test_fp16_needs_cuda_and_bad_precision_is_named():
@@ -398,7 +403,7 @@ def test_adversarial_warmup_trains_only_the_generator_first():
     trainer, g, d1, d2 = _make("dual_attention", adversarial_warmup=2, attention_warmup=1)
     before = {n: copy.deepcopy(net.state_dict()) for n, net in (("d1", d1), ("d2", d2), ("g", g))}
     outputs = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(scalar_outputs(e.state.output)))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(loss_terms(e.state.output)))
     trainer.run()  # epoch 1 = 2 iterations: the warm-up
     assert _changed(g, before["g"]) and not _changed(d1, before["d1"]) and not _changed(d2, before["d2"])
     assert all(set(o) == {"loss", "loss_recon", "attention_mean"} for o in outputs)

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from scipy.stats import wilcoxon
 
+from custom_components import all_variants
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 import ablation  # noqa: E402
@@ -54,11 +56,11 @@ def test_ablation_cli_end_to_end_tiny(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     md = (tmp_path / "ablation.md").read_text()
-    for v in ablation.all_variants():
+    for v in all_variants():
         assert f"| {v} |" in md
     with open(tmp_path / "ablation.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["arm"] for r in rows] == list(ablation.all_variants())
+    assert [r["arm"] for r in rows] == all_variants()  # the default arms: every variant of the package
     assert all(r["n_subjects"] == "3" for r in rows)
     assert all(r["psnr_tumour_p_vs_ref"] != "" for r in rows if r["arm"] != "dual_attention")
     # finished runs are reused
@@ -112,10 +114,3 @@ def test_curves_are_read_from_the_training_log(tmp_path):
     assert sorted(curve) == [5, 10]  # the appended test-set evaluation (Epoch[1]) is not a validation point
     rows = ablation.curves_table(tmp_path, ["unet"], [0, 1])
     assert [(r["epoch"], r["val_psnr"], r["n_seeds"]) for r in rows] == [(5, 12.5, 1), (10, 15.0, 1)]
-
-
-def test_default_arms_are_the_package_variants():
-    from custom_components.trainer import Variant
-
-    assert ablation.all_variants() == [v.value for v in Variant]
-    assert ablation.all_variants()[0] == "unet"

@@ -133,12 +133,6 @@ def test_timed_trainer_runs_the_sub_steps_of_its_variant(variant):
     assert trainer.variant == variant
 
 
-def test_default_variants_are_the_package_variants():
-    from custom_components.trainer import Variant
-
-    assert _bench().all_variants() == [v.value for v in Variant]
-
-
 def test_memory_row_arithmetic(monkeypatch):
     """Memory per patch is the growth from batch B to 2B; the largest batch fills the budget."""
     bench = _bench()

@@ -1,42 +1,50 @@
-from __future__ import annotations
+"""Handlers and output transforms of custom_components.handlers, driven by dummy ignite engines (no model needed)."""
 
-import math
+from __future__ import annotations
 
 import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from custom_components.handlers import GradientPenaltyHandler, every_n_iterations
-from custom_components.metrics import MaskedRegressionMetric, batch_items, masked_mae, masked_psnr
+from custom_components.handlers import (
+    GradientPenaltyHandler,
+    attach_handlers,
+    every_n_iterations,
+    image_panels,
+    loss_terms,
+)
+from custom_components.trainer import DualAttentionKeys
 
 
-def test_masked_metrics_match_hand_computation():
-    pred = torch.tensor([[[0.0, 0.5], [1.0, 1.0]]])
-    target = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])
-    mask = torch.tensor([[[0, 1], [1, 0]]])
-    assert masked_mae(pred, target, mask) == pytest.approx((0.5 + 1.0) / 2)
-    assert masked_psnr(pred, target, mask, 1.0) == pytest.approx(10 * math.log10(1 / ((0.25 + 1.0) / 2)))
-    assert math.isnan(masked_mae(pred, target, torch.zeros_like(mask)))
+def test_loss_terms_reads_the_float_terms_of_a_dict_or_its_decollated_form():
+    out = {DualAttentionKeys.LOSS: 1.0, DualAttentionKeys.RECON: 0.5, DualAttentionKeys.PRED: torch.zeros(1, 1, 2, 2),
+           "step": 3}
+    assert loss_terms(out) == loss_terms([out]) == {"loss": 1.0, "loss_recon": 0.5}  # no tensor, no int
+    assert all(type(k) is str for k in loss_terms(out))
+    with pytest.raises(TypeError, match="int"):
+        loss_terms(3)
 
 
-def test_masked_metric_on_engine_averages_non_empty_volumes():
-    vols = [(torch.full((1, 2, 2), 0.5), torch.ones(1, 2, 2), torch.ones(1, 2, 2)),
-            (torch.full((1, 2, 2), 0.9), torch.ones(1, 2, 2), torch.zeros(1, 2, 2)),  # empty tumour: skipped
-            (torch.full((1, 2, 2), 0.75), torch.ones(1, 2, 2), None)]  # no label at all: skipped
+def test_image_panels_stack_synthetic_and_confidence_as_channels():
+    pred, conf = torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4)
+    assert torch.equal(image_panels({DualAttentionKeys.PRED: pred}), pred)
+    panels = image_panels({DualAttentionKeys.PRED: pred, DualAttentionKeys.CONFIDENCE: conf})
+    assert panels.shape == (2, 2, 4, 4) and torch.equal(panels[:, 1:], conf)
 
-    def step(engine, batch):
-        pred, target, label = batch
-        engine.state.batch = [{"label": label} if label is not None else {}]
-        return [{"pred": pred, "label": target}]
 
-    engine = Engine(step)
-    from monai.handlers import from_engine
+def test_attach_handlers_attaches_in_order_and_skips_disabled_ones():
+    engine, seen = Engine(lambda e, b: None), []
 
-    metric = MaskedRegressionMetric("mae", output_transform=from_engine(["pred", "label"]),
-                                    batch_transform=batch_items("label"))
-    metric.attach(engine, "mae_tumour")
-    engine.run(vols, max_epochs=1)
-    assert engine.state.metrics["mae_tumour"] == pytest.approx(0.5)
+    class Probe:
+        def __init__(self, name):
+            self.name = name
+
+        def attach(self, eng):
+            eng.add_event_handler(Events.STARTED, lambda _: seen.append(self.name))
+
+    attach_handlers(engine, [Probe("saver"), None, Probe("loader")])
+    engine.run([0], max_epochs=1)
+    assert seen == ["saver", "loader"]
 
 
 def test_gradient_penalty_handler_logs_without_training():
