@@ -292,12 +292,7 @@ def _inference(overrides: dict[str, Any], repeats: int) -> dict[str, Any]:
 
 
 def _data_wait(overrides: dict[str, Any], epochs: int) -> dict[str, float]:
-    """Share of step time waiting for data: real cached pipeline, default loader, ``dual_attention``.
-
-    Besides the share over all iterations, the share without the first batch of each epoch: a loader prefetches
-    within an epoch, not across epochs, so with the benchmark's few BraTS-size subjects (2 batches per epoch) the
-    epoch starts weigh far more than with a real training list (e.g. 100 batches per epoch for BraTS's 200).
-    """
+    """Share of step time waiting for data: real cached pipeline, default loader, ``dual_attention``."""
     from ignite.handlers import BasicTimeProfiler
 
     p = _parser({**overrides, "variant": "dual_attention", "epochs": epochs, "train#trainer#train_handlers": []})
@@ -307,16 +302,11 @@ def _data_wait(overrides: dict[str, Any], epochs: int) -> dict[str, float]:
     trainer.run()
     prof = profiler.get_results()
     data_s, proc_s = float(prof["dataflow_stats"]["total"]), float(prof["processing_stats"]["total"])
-    per_epoch = int(trainer.state.epoch_length)
-    data, proc = profiler.dataflow_times.tolist(), profiler.processing_times.tolist()
-    inner = [i for i in range(len(data)) if i % per_epoch]
-    inner_data, inner_proc = sum(data[i] for i in inner), sum(proc[i] for i in inner)
+    n = trainer.state.iteration
     return {"data_wait_share": data_s / (data_s + proc_s), "data_s": data_s, "processing_s": proc_s,
-            "iterations": trainer.state.iteration, "num_workers": int(p["num_workers"]),
-            "loader": type(trainer.data_loader).__name__, "batches_per_epoch": per_epoch,
-            "data_wait_share_within_epoch": inner_data / (inner_data + inner_proc) if inner else float("nan"),
-            "first_batch_of_epoch_s": sum(data[i] for i in range(0, len(data), per_epoch)) / max(1, len(data[::per_epoch])),
-            "other_batches_s": inner_data / len(inner) if inner else float("nan")}
+            "iterations": n, "num_workers": int(p["num_workers"]), "loader": type(trainer.data_loader).__name__,
+            "batches_per_epoch": int(trainer.state.epoch_length), "data_per_batch_s": data_s / n,
+            "step_s": proc_s / n}
 
 
 def _time_to_quality(overrides: dict[str, Any], psnr: float, max_epochs: int) -> dict[str, Any]:
@@ -507,10 +497,8 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple | None = None, 
                          f"GAN/UNet {lv['ratio_to_unet']:.2f}x ({lv['baseline']}: {lv['baseline_ratio']:.2f}x)")
     for dw in [results["data_wait"]] + results["data_wait_other_workers"]:
         lines.append(f"data wait share of step time (dual_attention, real pipeline, {dw['loader']}, num_workers="
-                     f"{dw['num_workers']}, {dw['iterations']} iterations, {dw['batches_per_epoch']} per epoch): "
-                     f"{100 * dw['data_wait_share']:.1f}%; without each epoch's first batch "
-                     f"{100 * dw['data_wait_share_within_epoch']:.1f}% (first batch {1000 * dw['first_batch_of_epoch_s']:.0f} "
-                     f"ms, others {1000 * dw['other_batches_s']:.0f} ms)")
+                     f"{dw['num_workers']}, {dw['iterations']} iterations): {100 * dw['data_wait_share']:.1f}% "
+                     f"({1000 * dw['data_per_batch_s']:.0f} ms per batch, step {1000 * dw['step_s']:.0f} ms)")
     inf = results["inference"]
     if "overhead_ratio" in inf:
         lines.append(f"whole-volume inference {inf['volume_shape']} ({inf['inferer']}, {inf['sw_batch_size']} slices per "
