@@ -120,3 +120,21 @@ def test_bundle_configs_select_the_inferer(workflow: str, key: str) -> None:
     assert parser.get_parsed_content(key, lazy=False).divisor == 32
     parser["spatial_dims"] = 3
     assert type(parser.get_parsed_content(key, lazy=False)).__name__ == "SlidingWindowInferer"  # the 3D default
+
+
+@pytest.mark.parametrize("spatial_dim", [0, 1, 2])
+def test_any_slicing_axis_batch_and_output_channels_match_a_per_slice_loop(spatial_dim: int) -> None:
+    """Two volumes, a network with 3 output channels, slices along each axis: every output slice is the network on
+    that input slice (a wrong reshape or axis move would mix volumes, slices or channels)."""
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(2, 3, 3, padding=1).eval()
+    vol = torch.rand(2, 2, 8, 16, 24)
+    with torch.no_grad():
+        out = WholeSliceInferer(sw_batch_size=5, divisor=8, spatial_dim=spatial_dim)(vol, net)
+        assert out.shape == (2, 3, 8, 16, 24) and type(out) is torch.Tensor
+        for b in range(2):
+            for i in range(vol.shape[2 + spatial_dim]):
+                x = vol[b:b + 1].select(2 + spatial_dim, i)
+                h, w = x.shape[-2:]
+                expected = net(torch.nn.functional.pad(x, (0, -w % 8, 0, -h % 8)))[..., :h, :w]
+                torch.testing.assert_close(out[b:b + 1].select(2 + spatial_dim, i), expected, rtol=1e-5, atol=1e-5)
