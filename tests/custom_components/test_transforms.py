@@ -153,3 +153,34 @@ def test_cached_items_are_not_modified_by_the_random_crops():
             if isinstance(v, torch.Tensor):
                 torch.testing.assert_close(torch.as_tensor(item[k]), torch.as_tensor(v))
         assert len(item["source"].applied_operations) == n_ops
+
+
+def test_untracked_compose_gives_the_same_patches_as_plain_tensors_and_restores_tracking():
+    """The per-patch random chain inside UntrackedCompose yields the values of the same chain run with metadata
+    tracking, as plain tensors; MONAI's tracking flag is back on afterwards, also after an error."""
+    from monai.data import MetaTensor, get_track_meta
+    from monai.transforms import Compose, RandFlipd, RandSpatialCropSamplesd
+
+    from custom_components.transforms import UntrackedCompose
+
+    def chain():
+        return [RandSpatialCropSamplesd(keys=["a", "b"], roi_size=(8, 8), num_samples=3, random_size=False),
+                RandFlipd(keys=["a", "b"], prob=0.5, spatial_axis=0)]
+
+    data = {"a": MetaTensor(torch.arange(2 * 16 * 16, dtype=torch.float32).reshape(2, 16, 16)),
+            "b": MetaTensor(torch.rand(1, 16, 16))}
+    tracked = Compose(chain()).set_random_state(seed=3)(dict(data))
+    untracked = UntrackedCompose(chain()).set_random_state(seed=3)(dict(data))
+    assert get_track_meta()
+    assert len(untracked) == len(tracked) == 3
+    for t, u in zip(tracked, untracked):
+        assert isinstance(t["a"], MetaTensor) and type(u["a"]) is torch.Tensor and type(u["b"]) is torch.Tensor
+        torch.testing.assert_close(u["a"], t["a"].as_tensor())
+        torch.testing.assert_close(u["b"], t["b"].as_tensor())
+
+    def fail(_):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        UntrackedCompose([fail])(dict(data))
+    assert get_track_meta()
