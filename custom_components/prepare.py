@@ -65,6 +65,9 @@ def split_subjects(subjects: Sequence[str], seed: int = 0, fractions: Sequence[f
 
     Returns ``{"seed", "rule", "counts", "training", "validation", "test"}`` with sorted id lists per section.
     """
+    # not monai.data.partition_dataset: it splits by ratios only (no fixed 200/60/94 counts with the rest to test),
+    # gives no at-least-one-subject guarantee per section, and shuffles with another generator (existing splits of
+    # this seed would change)
     ids = [str(s) for s in subjects]
     if len(set(ids)) != len(ids):
         dup = sorted({s for s in ids if ids.count(s) > 1})
