@@ -41,7 +41,7 @@ def test_benchmark_reports_every_measure(tmp_path):
         m = r["memory"]
         assert m["peak_mb_2x"] >= m["peak_mb"] > 0 and m["mb_per_patch"] >= 0
     dw = res["data_wait"]
-    assert 0 <= dw["data_wait_share"] < 1 and dw["loader"] == "ThreadDataLoader"  # the shipped training loader
+    assert 0 <= dw["data_wait_share"] < 1 and dw["loader"] == "DataLoader"  # the shipped training loader
     # 2 training volumes, batch 1: 2 batches per epoch, one epoch
     assert dw["batches_per_epoch"] == 2 and dw["iterations"] == 2
     assert dw["data_per_batch_s"] == pytest.approx(dw["data_s"] / 2) and dw["step_s"] == pytest.approx(dw["processing_s"] / 2)
