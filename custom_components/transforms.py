@@ -258,8 +258,9 @@ class UntrackedCompose(Compose):
     the transforms before it and seeds the ones inside through ``set_random_state``.
 
     MONAI keeps the switch in one module-level flag (``monai.data.set_track_meta``); it is set for the duration of
-    the call and restored afterwards, also on error. The training loader's thread is the only caller during a
-    training epoch, and validation, which needs the metadata, runs between epochs.
+    the call and restored afterwards, also on error. With the default loader it runs between training steps in the
+    main process; loader worker processes each have their own flag; with ``ThreadDataLoader`` its thread is the only
+    caller during an epoch, and validation, which needs the metadata, runs between epochs.
     """
 
     def __call__(self, input_, start=0, end=None, threading=False, lazy=None):  # noqa: D102 (Compose's signature)
