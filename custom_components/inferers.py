@@ -54,8 +54,9 @@ class WholeSliceInferer(SliceInferer):
 
     Each batch of slices is zero-padded at the high end of H and W to the next multiple of ``divisor`` (the
     product of the network's strides, so every down-sampling divides evenly), run through the network and
-    cropped back, so the output has the input's spatial size. MONAI's ``SliceInferer`` with a window as large as
-    the slice does the slicing and reassembly; a ``MetaTensor`` input keeps its affine and metadata (the network
+    cropped back, so the output has the input's spatial size. It is a ``SliceInferer`` for its options
+    (``sw_batch_size``, ``spatial_dim``, ``device``, ``sw_device``) and for code that selects inferers by type, but
+    slices the volume itself (see :meth:`__call__`); a ``MetaTensor`` input keeps its affine and metadata (the network
     itself gets plain tensors, so no metadata is tracked through its layers).
 
     Args:
@@ -82,9 +83,7 @@ class WholeSliceInferer(SliceInferer):
         self.divisor, self.pad_value = divisor, float(pad_value)
 
     def _padded(self, network: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``network`` on ``x`` (N, C, H, W) padded to multiples of ``divisor``, cropped back to H, W."""
-        if isinstance(x, MetaTensor):  # metadata is restored on the whole volume; per-op tracking only costs time
-            x = x.as_tensor()
+        """``network`` on plain-tensor slices ``x`` (N, C, H, W) padded to multiples of ``divisor``, cropped back."""
         h, w = x.shape[-2:]
         ph, pw = -h % self.divisor, -w % self.divisor
         if ph or pw:

@@ -161,7 +161,7 @@ class LocalDiscriminator(torch.nn.Module):
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.stem_stride = stem_stride
-        self.total_stride = 8 * stem_stride
+        self.total_stride = self.stride_of(stem_stride)
         conv = lambda i, o, **kw: Convolution(spatial_dims, i, o, kernel_size=3, act=act, norm=norm, **kw)  # noqa: E731
         self.stem = conv(in_channels, channels[0], strides=stem_stride)
         self.down = torch.nn.ModuleList(conv(channels[i], channels[i + 1], strides=2) for i in range(3))
@@ -170,6 +170,12 @@ class LocalDiscriminator(torch.nn.Module):
         )
         self.fuse = torch.nn.ModuleList(conv(2 * channels[i], channels[i]) for i in reversed(range(3)))
         self.out = Convolution(spatial_dims, channels[0], 1, kernel_size=1, conv_only=True)
+
+    @staticmethod
+    def stride_of(stem_stride: int = 1) -> int:
+        """The multiple an input's sizes must have: the stem's stride times the three down-samplings' 2^3 (configs
+        read it for their padding and patch checks even when the variant builds no D2)."""
+        return 8 * int(stem_stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W[, D]) with sizes multiple of :attr:`total_stride`. Returns logits shaped (B, 1, H, W[, D])."""
