@@ -67,8 +67,8 @@ LEVERS: dict[str, dict[str, Any]] = {
 DESIGN_LEVERS = ("gp_interval=4", "strided critic", "half-res D2 8-64")
 #: local discriminator layouts whose confidence-map cost the inference stage reports besides the shipped one
 D2_LAYOUTS: dict[str, dict[str, Any]] = {
-    "paper layout (full resolution, 16-128)": {"local_stem_stride": 1, "local_channels": [16, 32, 64, 128]},
-    "half resolution, 8-64": {"local_stem_stride": 2, "local_channels": [8, 16, 32, 64]},
+    "paper layout (full resolution, 16-128)": {k: EARLIER_LAYOUT[k] for k in ("local_stem_stride", "local_channels")},
+    "half resolution, 8-64": LEVERS["half-res D2 8-64"],
 }
 #: levers that change no result (applied to the unet reference too)
 SPEED_ONLY = ("channels_last", "torch.compile (G, D2)", "1 thread", "bf16 autocast")
