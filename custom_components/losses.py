@@ -10,10 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from monai.networks.layers import GaussianFilter
 from monai.utils import LossReduction, StrEnum
 from torch.nn.modules.loss import _Loss
 
-__all__ = ["AttentionNorm", "DifficultyAwareLoss", "GradientPenalty", "attention_weight", "confidence_map"]
+__all__ = [
+    "AttentionNorm", "AttentionSource", "DifficultyAwareLoss", "GradientPenalty", "attention_weight", "confidence_map",
+    "difficulty_confidence", "error_confidence", "gap_confidence",
+]
 
 
 class AttentionNorm(StrEnum):
@@ -24,29 +28,70 @@ class AttentionNorm(StrEnum):
 
 
 class AttentionSource(StrEnum):
-    """Which map F = (1 - M)^beta is computed from."""
+    """Which difficulty map F = (1 - M)^beta is computed from."""
 
     CONFIDENCE = "confidence"  # M = sigmoid(D2(G(X))), the paper's method
-    ERROR = "error"  # an oracle M from the true error |Y - G(X)| (a diagnostic for the ablation, not a method)
+    GAP = "gap"  # M from the paired gap D2(Y) - D2(G(X)) per voxel: zero wherever G(X) looks as real as Y there
+    ERROR = "error"  # M from the error |Y - G(X)|, known at every training step (an error-weighted, focal-style L1)
 
 
-def error_confidence(fake: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """An oracle confidence map 1 - e / max(e) with e = |Y - G(X)| (channel mean), per sample, detached.
+def difficulty_confidence(difficulty: torch.Tensor, smoothing: float = 0.0, eps: float = 1e-6) -> torch.Tensor:
+    """A confidence map 1 - d / max(d) from a non-negative difficulty map d, per sample, detached.
 
-    It is what a perfect local discriminator's M would rank: lowest where G's error is largest. Training with it
-    (``attention_source: "error"``) measures how much the difficulty-aware attention could give if M pointed at the
-    errors exactly; it needs the target, so it exists for training-time ablations only.
+    Args:
+        difficulty: d >= 0, shape (B, 1, H, W[, D]); larger = harder.
+        smoothing: standard deviation (voxels) of a Gaussian blur of d before the normalisation; 0 = none. A
+            per-voxel error map is noisy (a voxel of noise counts as much as a voxel of a missed structure); the blur
+            makes F follow regions instead.
+        eps: floor of the per-sample maximum.
+    """
+    if difficulty.ndim < 3:
+        raise ValueError(f"difficulty must be shaped (B, 1, H, W[, D]), got {tuple(difficulty.shape)}.")
+    if smoothing < 0:
+        raise ValueError(f"smoothing must be >= 0 (voxels), got {smoothing!r}.")
+    d = difficulty.detach().float().clamp(min=0.0)
+    if smoothing > 0:
+        d = GaussianFilter(d.ndim - 2, sigma=float(smoothing)).to(d.device)(d)
+    peak = d.amax(dim=tuple(range(1, d.ndim)), keepdim=True).clamp(min=eps)
+    return 1.0 - d / peak
+
+
+def error_confidence(fake: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0, eps: float = 1e-6) -> torch.Tensor:
+    """The confidence map 1 - e / max(e) with e = |Y - G(X)| (channel mean), per sample, detached.
+
+    It is what a perfect error detector's M would rank: lowest where G's error is largest. It needs the target, so it
+    exists at training time only; with it the attention becomes an error-weighted (focal-style) voxel loss, the
+    baseline a learned map has to beat (variant ``error_weighted``, or ``attention_source: "error"``).
 
     Args:
         fake: G(X), shape (B, C, H, W[, D]).
         target: Y, the same shape.
+        smoothing: Gaussian blur of e in voxels (:func:`difficulty_confidence`).
         eps: floor of the per-sample maximum error.
     """
     if fake.shape != target.shape:
         raise ValueError(f"fake and target must have the same shape, got {tuple(fake.shape)} and {tuple(target.shape)}.")
     err = (target.detach().float() - fake.detach().float()).abs().mean(dim=1, keepdim=True)
-    peak = err.amax(dim=tuple(range(1, err.ndim)), keepdim=True).clamp(min=eps)
-    return 1.0 - err / peak
+    return difficulty_confidence(err, smoothing, eps)
+
+
+def gap_confidence(real_logits: torch.Tensor, fake_logits: torch.Tensor, smoothing: float = 0.0,
+                   eps: float = 1e-6) -> torch.Tensor:
+    """A confidence map from the paired gap d = max(0, D2(Y) - D2(G(X))) of the local discriminator's logits.
+
+    D2's own M = sigmoid(D2(G(X))) mixes "this region of G(X) is wrong" with "this kind of region always looks fake
+    to D2"; scoring the real image of the same pair at the same voxel removes the second part: where G(X) equals Y
+    locally the two logits are equal and d is 0. Known at training time only (it needs Y).
+
+    Args:
+        real_logits: D2 of the target, (B, 1, H, W[, D]).
+        fake_logits: D2 of G(X), the same shape.
+        smoothing, eps: see :func:`difficulty_confidence`.
+    """
+    if real_logits.shape != fake_logits.shape:
+        raise ValueError(f"real_logits ({tuple(real_logits.shape)}) and fake_logits ({tuple(fake_logits.shape)}) "
+                         "must have the same shape.")
+    return difficulty_confidence(real_logits.detach().float() - fake_logits.detach().float(), smoothing, eps)
 
 
 def confidence_map(logits: torch.Tensor) -> torch.Tensor:

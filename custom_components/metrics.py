@@ -12,8 +12,8 @@ from ignite.engine import Engine
 from ignite.metrics import Metric
 from monai.utils import StrEnum
 
-__all__ = ["ConfidenceQAMetric", "MaskedRegressionMetric", "QA_KEYS", "batch_items", "confidence_qa", "masked_mae",
-           "masked_psnr"]
+__all__ = ["ConfidenceQAMetric", "MaskedRegressionMetric", "QA_KEYS", "SPARSIFICATION_FRACTIONS", "batch_items",
+           "confidence_qa", "masked_mae", "masked_psnr", "sparsification_curve"]
 
 
 class MaskedMetricType(StrEnum):
@@ -114,7 +114,60 @@ def batch_items(key: str) -> Callable:
     return _get
 
 
-QA_KEYS = ("qa_auroc_worst", "qa_spearman", "qa_confidence_tumour", "qa_confidence_outside")
+QA_KEYS = ("qa_auroc_worst", "qa_spearman", "qa_confidence_tumour", "qa_confidence_outside", "qa_ause",
+           "qa_sparsification_gain")
+SPARSIFICATION_FRACTIONS = tuple(i / 20 for i in range(20))  # 0, 5, ..., 95 % of the foreground removed
+
+
+def sparsification_curve(uncertainty, error, fractions=SPARSIFICATION_FRACTIONS) -> "np.ndarray":
+    """Sparsification curve: mean error left after removing the most uncertain voxels, relative to the mean error.
+
+    For each ``k`` in ``fractions`` the ``floor(k * n)`` voxels with the largest ``uncertainty`` are removed and the
+    mean ``error`` of the remaining ones is divided by the mean error of all ``n`` voxels, so the curve starts at 1.0
+    (for ``k = 0``); ``sparsification_curve(error, error)`` is the oracle curve (non-increasing), and an
+    uninformative ordering gives 1.0 everywhere in expectation.
+
+    Ties in ``uncertainty`` are averaged: when the cut falls inside a group of equal uncertainties, the removed part
+    of that group counts with the group's mean error, which is the expectation over random tie-breaking. So a
+    constant map gives exactly 1.0 everywhere (no credit for an order it does not express), and the result does not
+    depend on the voxel order. One argsort and one cumulative sum, no loop over voxels (about 1 s for
+    240 x 240 x 155 voxels).
+
+    Args:
+        uncertainty: per-voxel predicted difficulty (higher = removed first), any shape, flattened.
+        error: per-voxel true error (>= 0), same number of elements.
+        fractions: fractions of voxels removed, each in [0, 1).
+
+    Returns:
+        float64 array of ``len(fractions)`` values; all NaN when there is no voxel or the total error is 0.
+    """
+    import numpy as np
+
+    u = np.asarray(uncertainty).reshape(-1)  # sorted in its own dtype (float32 sorts faster; ties are the same)
+    if not np.issubdtype(u.dtype, np.number) or np.issubdtype(u.dtype, np.complexfloating):
+        u = u.astype(np.float64)
+    e = np.asarray(error, dtype=np.float64).reshape(-1)
+    k = np.asarray(fractions, dtype=np.float64).reshape(-1)
+    if u.size != e.size:
+        raise ValueError(f"uncertainty ({u.size} values) and error ({e.size} values) must have the same size.")
+    if k.size == 0 or not ((k >= 0) & (k < 1)).all():
+        raise ValueError(f"fractions must be a non-empty sequence of values in [0, 1), got {fractions!r}.")
+    n = e.size
+    total = float(e.sum()) if n else 0.0
+    if n == 0 or not total > 0 or not np.isfinite(total) or not np.isfinite(u).all():
+        return np.full(k.shape, np.nan)
+    if uncertainty is error:  # the oracle: sorting the values is enough (and several times faster than argsort)
+        u_sorted = e_sorted = np.sort(e)[::-1]
+    else:
+        order = np.argsort(u)[::-1]  # most uncertain first; the order inside a tie group does not matter (averaged)
+        u_sorted, e_sorted = u[order], e[order]
+    cum = np.concatenate(([0.0], np.cumsum(e_sorted)))  # cum[i] = error of the first i voxels
+    starts = np.flatnonzero(np.concatenate(([True], u_sorted[1:] != u_sorted[:-1])))  # first index of each tie group
+    removed = np.minimum(np.floor(k * n + 1e-9).astype(np.int64), n - 1)
+    g = np.searchsorted(starts, removed, side="right") - 1  # tie group holding the cut
+    lo, hi = starts[g], np.append(starts[1:], n)[g]  # its bounds in the sorted order
+    removed_error = cum[lo] + (removed - lo) * (cum[hi] - cum[lo]) / (hi - lo)
+    return ((total - removed_error) / (n - removed)) / (total / n)
 
 
 def _auroc(score: "np.ndarray", positive: "np.ndarray") -> float:
@@ -143,7 +196,15 @@ def confidence_qa(confidence: torch.Tensor, pred: torch.Tensor, target: torch.Te
       largest e from the rest of the foreground (0.5 = no information, 1 = perfect);
     * ``qa_spearman``: Spearman rank correlation of (1 - M) with e over the foreground;
     * ``qa_confidence_tumour`` / ``qa_confidence_outside``: mean M inside the tumour (``label > 0``) and in the
-      foreground outside it (NaN without a label).
+      foreground outside it (NaN without a label);
+    * ``qa_ause``: area under the sparsification error curve, the mean over :data:`SPARSIFICATION_FRACTIONS`
+      (0, 5, ..., 95 %) of :func:`sparsification_curve` ordered by (1 - M) minus the oracle curve ordered by e
+      (0 = the map ranks the errors perfectly; ties in M are averaged, so a constant map scores like a random one);
+    * ``qa_sparsification_gain``: 1 - AUSE / AUSE_random, with AUSE_random = mean(1 - oracle curve), the AUSE of
+      the flat curve a random ordering gives in expectation (1 = perfect, 0 = no better than random, < 0 = worse).
+
+    Every value is a float, NaN where undefined (fewer than 2 foreground voxels; for the sparsification numbers
+    also a zero error everywhere, and for the gain an oracle curve that is flat, i.e. all errors equal).
 
     All arrays share one spatial shape (a leading channel of 1 is allowed).
     """
@@ -167,6 +228,13 @@ def confidence_qa(confidence: torch.Tensor, pred: torch.Tensor, target: torch.Te
         out["qa_auroc_worst"] = _auroc(score, worst)
         if np.ptp(score) > 0 and np.ptp(err) > 0:
             out["qa_spearman"] = float(spearmanr(score, err).statistic)
+        oracle = sparsification_curve(err, err)
+        if np.isfinite(oracle).all():
+            ause = float(np.mean(sparsification_curve(score, err) - oracle))
+            out["qa_ause"] = ause
+            ause_random = float(np.mean(1.0 - oracle))
+            if ause_random > 1e-12:
+                out["qa_sparsification_gain"] = 1.0 - ause / ause_random
     if tumour is not None:
         if tumour.any():
             out["qa_confidence_tumour"] = float(m[tumour].mean())

@@ -16,8 +16,28 @@ table) that thickens towards the skull base, air-filled sinuses inside the
 anterior skull base, a CSF layer with sulci, a folded grey-matter ribbon, white
 matter, deep grey matter, lateral and third ventricles and an interhemispheric
 fissure. Every subject varies in shape (radii, rotation, shift), tissue
-intensities, bias field and noise. The tumour's T2 appearance carries its own
-texture and is deliberately not a pointwise function of the T1 intensity.
+intensities, bias field and noise.
+
+The tumour's T2 appearance (``t1t2`` only) follows ``tumour_mode``:
+
+* ``"learnable"`` (the default): a smooth texture field (about 6 mm correlation
+  length) shows in T1 inside the tumour at low amplitude (``+0.10`` times the
+  subject's white-matter T1 per unit of the field, about 4 times the T1 noise) and
+  in T2 inverted and steeper (T2 times ``1 - s * texture`` with ``s`` 0.45
+  enhancing rim, 0.40 necrosis, 0.30 oedema): inside the tumour T2 goes down where
+  T1 goes up, 3-6 times more steeply (in a.u. per a.u.) than between normal grey
+  and white matter. Oedema's T2 level also follows the tissue it infiltrates, which
+  T1 shows (oedema over grey matter is darker in T1 and brighter in T2 than over
+  white matter). The tumour's T2 is thus a deterministic, learnable function of
+  the T1 neighbourhood, but a different one from normal tissue's.
+* ``"irreducible"``: the generator of version 1 (bit-identical arrays): the
+  tumour's T2 carries its own texture that is absent from T1, so it is
+  deliberately not a function of the T1 image and its error cannot be learned away.
+
+Both modes draw the same random numbers in the same order, so ``seg``,
+``brainmask``, ``tissue``, the bias fields and the noise are the same for a seed;
+only the tumour's intensities differ. ``task="mrct"`` has no tumour and ignores
+``tumour_mode`` (it is still validated).
 
 Everything is numpy + ``scipy.ndimage``; a subject of the default size
 (96 x 96 x 48 voxels of 2 x 2 x 3 mm) takes a fraction of a second, one of
@@ -45,6 +65,7 @@ from scipy import ndimage
 
 __all__ = [
     "TASKS",
+    "TUMOUR_MODES",
     "TISSUE_LABELS",
     "SEG_LABELS",
     "PHANTOM_VERSION",
@@ -52,13 +73,19 @@ __all__ = [
     "check_shape",
     "check_spacing",
     "check_task",
+    "check_tumour_mode",
     "make_subject",
     "subject_rng",
 ]
 
 #: Version of the generator; stored in ``phantom.json`` so a data set made by an
-#: older generator is not silently reused.
-PHANTOM_VERSION = 1
+#: older generator is not silently reused. Version 2 added ``tumour_mode``
+#: (``"irreducible"`` reproduces version 1's arrays, ``"learnable"`` is the new default).
+PHANTOM_VERSION = 2
+
+#: Allowed values of ``tumour_mode`` (see the module docstring); the first is the default.
+TUMOUR_MODES: tuple[str, ...] = ("learnable", "irreducible")
+DEFAULT_TUMOUR_MODE = TUMOUR_MODES[0]
 
 #: Image keys of a subject per task, the files a data set holds (:func:`make_subject` also returns ``tissue``).
 TASKS: dict[str, tuple[str, ...]] = {
@@ -111,6 +138,15 @@ _TISSUE_MEANS: dict[int, tuple[float, float, float]] = {
     _OED: (0.0, 1120.0, 22.0),  # oedema T1 is relative to the underlying tissue
 }
 _OEDEMA_T1_FACTOR = 0.88  # oedema is only slightly darker than its tissue in T1
+
+# tumour_mode="learnable" (see _mr_image): T1 inside the tumour gains _LEARNABLE_T1_TEXTURE x (the subject's white
+# matter T1) x texture; in T2 the enhancing rim and the necrosis are multiplied by 1 - _LEARNABLE_T2_TEXTURE[class] x
+# texture (same field: inverted and steeper), and the oedema's T2 is one inverted linear map of its (noise-free) T1,
+# T2 = T2(oedema) - _LEARNABLE_OEDEMA_T2_SLOPE x (T1 - T1 of oedema over white matter), which covers both the
+# infiltrated tissue (grey matter: darker T1, brighter T2) and the texture.
+_LEARNABLE_T1_TEXTURE = 0.10
+_LEARNABLE_T2_TEXTURE: dict[int, float] = {_ENH: 0.45, _NEC: 0.40}
+_LEARNABLE_OEDEMA_T2_SLOPE = 2.0
 
 # Reference field of view (mm) the anatomy is designed for; smaller fields of view
 # scale the head down so it always fits.
@@ -199,6 +235,13 @@ def check_task(task: Any) -> str:
     if task not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got task={task!r}")
     return str(task)
+
+
+def check_tumour_mode(tumour_mode: Any) -> str:
+    """``tumour_mode`` if it is one of :data:`TUMOUR_MODES`; a ``ValueError`` naming it otherwise."""
+    if not isinstance(tumour_mode, str) or tumour_mode not in TUMOUR_MODES:
+        raise ValueError(f"tumour_mode must be one of {sorted(TUMOUR_MODES)}, got tumour_mode={tumour_mode!r}")
+    return str(tumour_mode)
 
 
 def check_shape(shape: Any) -> tuple[int, int, int]:
@@ -377,29 +420,55 @@ def _mr_image(
     shape: tuple[int, int, int],
     vox: np.ndarray,
     rng: np.random.Generator,
+    tumour_mode: str = "irreducible",
+    shared: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Synthesise an MR image (``contrast`` 0 = T1, 1 = T2) from the tissue maps.
 
     Per-subject jittered tissue means, a faint smooth within-tissue variation, a
-    tumour texture in T2 only, partial-volume blur, a smooth multiplicative bias
-    field and Rician noise.
+    tumour texture (``"irreducible"``: independent textures in T1 and T2;
+    ``"learnable"``: one texture, faint in T1, inverted and strong in T2),
+    partial-volume blur, a smooth multiplicative bias field and Rician noise.
+    The random numbers drawn do not depend on ``tumour_mode``. The T1 call stores
+    its tumour texture in ``shared["texture"]``; the learnable T2 call reads it there.
     """
     tissue, anat = anatomy["tissue"], anatomy["anat"]
+    learnable = tumour_mode == "learnable"
     table = np.array([_jitter(rng, _TISSUE_MEANS[k][contrast], 0.05) for k in range(_N_TISSUES)], np.float32)
     image = table[tissue]
     oedema = tissue == _OED
     if contrast == 0:  # T1: oedema only slightly darker than the tissue it infiltrates
         image[oedema] = _OEDEMA_T1_FACTOR * table[anat[oedema]]
+        if shared is not None:
+            shared["t1_table"] = table
+    elif learnable:  # T2: oedema over grey matter brighter than over white matter (inverted w.r.t. T1)
+        t1_table = shared["t1_table"]
+        t1_excess = _OEDEMA_T1_FACTOR * (t1_table[anat[oedema]] - t1_table[_WM])
+        image[oedema] = table[_OED] - np.float32(_LEARNABLE_OEDEMA_T2_SLOPE) * t1_excess
     image *= 1.0 + 0.03 * _smooth_field(rng, shape, vox, 20.0)
     tumour = tissue >= _NEC
     if contrast == 1 and tumour.any():
-        # heterogeneous T2 texture inside the tumour, absent from T1
-        texture = _smooth_field(rng, shape, vox, 4.0)
-        strength = np.where(tissue == _ENH, 0.3, np.where(tissue == _NEC, 0.2, 0.15)).astype(np.float32)
-        image[tumour] *= np.clip(1.0 + strength[tumour] * texture[tumour], 0.3, None)
+        texture = _smooth_field(rng, shape, vox, 4.0)  # drawn in both modes: the same random stream
+        if learnable:  # T1's texture, inverted and steeper: the tumour's T2 is a function of what T1 shows
+            texture = shared["texture"]
+            strength = np.zeros(_N_TISSUES, np.float32)
+            for k, value in _LEARNABLE_T2_TEXTURE.items():
+                strength[k] = value
+            core = tumour & ~oedema
+            image[core] *= np.clip(1.0 - strength[tissue[core]] * texture[core], 0.3, None)
+            t1_texture = np.float32(_LEARNABLE_T1_TEXTURE) * shared["t1_table"][_WM] * texture[oedema]
+            image[oedema] -= np.float32(_LEARNABLE_OEDEMA_T2_SLOPE) * t1_texture
+        else:  # heterogeneous T2 texture inside the tumour, absent from T1
+            strength = np.where(tissue == _ENH, 0.3, np.where(tissue == _NEC, 0.2, 0.15)).astype(np.float32)
+            image[tumour] *= np.clip(1.0 + strength[tumour] * texture[tumour], 0.3, None)
     elif tumour.any():
         texture = _smooth_field(rng, shape, vox, 6.0)
-        image[tumour] *= 1.0 + 0.03 * texture[tumour]
+        if shared is not None:
+            shared["texture"] = texture
+        if learnable:  # faint, but about 4x the noise (sigma <= 0.03 x white matter)
+            image[tumour] += np.float32(_LEARNABLE_T1_TEXTURE) * table[_WM] * texture[tumour]
+        else:
+            image[tumour] *= 1.0 + 0.03 * texture[tumour]
     image = ndimage.gaussian_filter(image, sigma=0.5)  # partial volume / PSF
     image *= np.exp(rng.uniform(0.08, 0.15) * _smooth_field(rng, shape, vox, 80.0))
     sigma = rng.uniform(0.015, 0.03) * float(table[_WM] if contrast == 0 else table[_GM])
@@ -444,6 +513,7 @@ def make_subject(
     shape: tuple[int, int, int] = (96, 96, 48),
     spacing: Sequence[float] = (2.0, 2.0, 3.0),
     rng: np.random.Generator | None = None,
+    tumour_mode: str = DEFAULT_TUMOUR_MODE,
 ) -> dict[str, np.ndarray]:
     """Generate the arrays of one phantom subject.
 
@@ -452,6 +522,9 @@ def make_subject(
         shape: volume shape in voxels, at least 32 per axis.
         spacing: voxel size in millimetres.
         rng: random generator; the arrays are a deterministic function of its state.
+        tumour_mode: ``"learnable"`` (default) or ``"irreducible"`` (the version-1
+            generator), see the module docstring. Same ``seg``, ``brainmask`` and
+            ``tissue`` in both modes. Ignored by ``"mrct"`` (no tumour), but validated.
 
     Returns:
         ``t1t2``: ``t1``, ``t2`` (float32), ``seg`` (uint8, labels {0, 1, 2, 4}),
@@ -460,6 +533,7 @@ def make_subject(
         ``tissue``. ``tissue`` is meant for tests and analysis, not written to disk.
     """
     task = check_task(task)
+    tumour_mode = check_tumour_mode(tumour_mode)
     shape = check_shape(shape)
     spacing = check_spacing(spacing)
     if rng is None:
@@ -473,9 +547,10 @@ def make_subject(
         seg[tissue == _NEC] = SEG_LABELS["necrosis"]
         seg[tissue == _OED] = SEG_LABELS["oedema"]
         seg[tissue == _ENH] = SEG_LABELS["enhancing"]
+        shared: dict[str, np.ndarray] = {}
         return {
-            "t1": _mr_image(anatomy, 0, shape, vox, rng),
-            "t2": _mr_image(anatomy, 1, shape, vox, rng),
+            "t1": _mr_image(anatomy, 0, shape, vox, rng, tumour_mode, shared),
+            "t2": _mr_image(anatomy, 1, shape, vox, rng, tumour_mode, shared),
             "seg": seg,
             "brainmask": anatomy["icv"].astype(np.uint8),
             "tissue": tissue,

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from ignite.engine import Engine, Events
 from monai.engines import Trainer
 from monai.engines.utils import default_prepare_batch
 from monai.utils import StrEnum
@@ -24,14 +25,17 @@ from .losses import (
     attention_weight,
     confidence_map,
     error_confidence,
+    gap_confidence,
 )
 
 __all__ = [
     "DualAttentionKeys",
     "DualAttentionTrainer",
     "FreshBatches",
+    "LocalTarget",
     "Variant",
     "all_variants",
+    "uses_attention",
     "uses_global_critic",
     "uses_local_discriminator",
     "validate_hyperparameters",
@@ -46,6 +50,7 @@ class Variant(StrEnum):
     LOCAL = "local"  # sGAN-2: G + local discriminator D2
     DUAL = "dual"  # sGAN-dual: both discriminators, plain L1/L2
     DUAL_ATTENTION = "dual_attention"  # the full method: both discriminators + difficulty-aware attention
+    ERROR_WEIGHTED = "error_weighted"  # G alone, voxel loss weighted by F from the error |Y - G(X)| (focal-style L1)
 
 
 class FreshBatches(StrEnum):
@@ -54,6 +59,15 @@ class FreshBatches(StrEnum):
     NONE = "none"  # one batch and one G(X) for every update (cheapest)
     GENERATOR = "generator"  # the paper (section 2.2): G is updated "using another mini-batch"
     ALL = "all"  # additionally, every critic update after the first uses a fresh batch
+
+
+class LocalTarget(StrEnum):
+    """What the local discriminator D2 is trained to output (Eq. 4 and an option beyond the paper)."""
+
+    BINARY = "binary"  # the paper: 1 on every voxel of Y, 0 on every voxel of G(X)
+    # additionally a per-voxel composite of Y and G(X) under a random mask, whose voxels D2 must label (as in
+    # U-Net GAN, Schoenfeld et al., CVPR 2020): D2 cannot answer from global cues, only from what each region shows
+    MIXED = "mixed"
 
 
 def all_variants() -> list[str]:
@@ -78,11 +92,17 @@ def uses_local_discriminator(variant: Variant | str) -> bool:
     return _variant(variant) in (Variant.LOCAL, Variant.DUAL, Variant.DUAL_ATTENTION)
 
 
+def uses_attention(variant: Variant | str) -> bool:
+    """Whether ``variant`` weights the voxel loss by a difficulty map F (after the schedule's attention start)."""
+    return _variant(variant) in (Variant.DUAL_ATTENTION, Variant.ERROR_WEIGHTED)
+
+
 def validate_hyperparameters(*, variant: Variant | str, beta: float, p: int, lambda_gp: float, lambda_adv_global: float,
                              lambda_adv_local: float, n_critic: int, attention_warmup: int,
                              attention_norm: AttentionNorm | str, attention_floor: float,
                              fresh_batches: FreshBatches | str, attention_source: AttentionSource | str,
-                             **_: Any) -> None:
+                             local_target: LocalTarget | str = LocalTarget.BINARY, n_local: int = 1,
+                             attention_smoothing: float = 0.0, local_mix_cell: int = 16, **_: Any) -> None:
     """Raise a ``ValueError`` naming the first bad training option (called from the bundle's ``initialize``).
 
     Every option is required: the defaults live in one place, :class:`DualAttentionTrainer`'s signature, and a
@@ -99,8 +119,9 @@ def validate_hyperparameters(*, variant: Variant | str, beta: float, p: int, lam
             raise ValueError(f"{name} must be a number >= 0, got {value!r}.")
     if not isinstance(n_critic, int) or n_critic < 1:
         raise ValueError(f"n_critic must be an integer >= 1, got {n_critic!r}.")
-    if not isinstance(attention_warmup, int) or attention_warmup < 0:
-        raise ValueError(f"attention_warmup must be an integer >= 0, got {attention_warmup!r}.")
+    if attention_warmup is not None and (not isinstance(attention_warmup, int) or attention_warmup < 0):
+        raise ValueError(f"attention_warmup must be an integer >= 0 (or null: from attention_start), got "
+                         f"{attention_warmup!r}.")
     try:
         AttentionNorm(attention_norm)
     except ValueError:
@@ -121,6 +142,19 @@ def validate_hyperparameters(*, variant: Variant | str, beta: float, p: int, lam
         raise ValueError(
             f"fresh_batches must be one of {[f.value for f in FreshBatches]}, got {fresh_batches!r}."
         ) from None
+    try:
+        LocalTarget(local_target)
+    except ValueError:
+        raise ValueError(f"local_target must be one of {[t.value for t in LocalTarget]}, got {local_target!r}.") from None
+    if isinstance(n_local, bool) or not isinstance(n_local, int) or n_local < 1:
+        raise ValueError(f"n_local must be an integer >= 1, got {n_local!r}.")
+    if isinstance(local_mix_cell, bool) or not isinstance(local_mix_cell, int) or local_mix_cell < 1:
+        raise ValueError(f"local_mix_cell must be an integer >= 1 (voxels), got {local_mix_cell!r}.")
+    if not isinstance(attention_smoothing, (int, float)) or attention_smoothing < 0:
+        raise ValueError(f"attention_smoothing must be a number >= 0 (voxels), got {attention_smoothing!r}.")
+    if _variant(variant) == Variant.ERROR_WEIGHTED and AttentionSource(attention_source) == AttentionSource.GAP:
+        raise ValueError("variant 'error_weighted' has no local discriminator, so attention_source 'gap' cannot be "
+                         "computed; it always weights by the error.")
 
 
 class DualAttentionKeys(StrEnum):
@@ -209,13 +243,18 @@ class DualAttentionTrainer(Trainer):
             the easy ones well. Same as starting from a pretrained UNet, in one run.
         attention_norm: ``"none"`` (the paper) or ``"mean"`` (F divided by its per-sample mean).
         attention_floor: alpha in [0, 1]; F becomes alpha + (1 - alpha) F (0 = the paper).
-        attention_source: ``"confidence"`` (the paper: F from D2's M) or ``"error"``, a diagnostic oracle that builds
-            M from the true error |Y - G(X)| (:func:`custom_components.losses.error_confidence`); D2 still trains and
-            still gives L_ADV2, only F's map changes, so the ablation can tell "M points at the wrong voxels" from
-            "weighting the voxel loss cannot help here".
+        attention_source: ``"confidence"`` (the paper: F from D2's M), ``"gap"`` (F from D2's paired gap
+            D2(Y) - D2(G(X)), :func:`custom_components.losses.gap_confidence`) or ``"error"`` (F from the error
+            |Y - G(X)| known at training time, :func:`custom_components.losses.error_confidence`); D2 still trains
+            and still gives L_ADV2, only F's map changes. Variant ``error_weighted`` always uses ``"error"``.
         local_conditional: D2 judges the pair (X, image) instead of the image alone; D2 then needs
             ``2 * in_channels`` input channels (source first).
         fresh_batches: ``"none"``, ``"generator"`` (the paper) or ``"all"``, see :class:`FreshBatches`.
+        local_target: ``"binary"`` (the paper, Eq. 4) or ``"mixed"`` (also a per-voxel real/fake composite),
+            see :class:`LocalTarget`.
+        n_local: D2 updates per G update.
+        local_mix_cell: cell size in voxels of the ``"mixed"`` composite's random mask.
+        attention_smoothing: Gaussian blur (voxels) of the ``"error"``/``"gap"`` difficulty map before F.
         epoch_length: iterations per epoch, default ``len(train_data_loader)``.
         non_blocking: non-blocking host-to-device copies.
         prepare_batch: callable ``(batch, device, non_blocking, **kwargs) -> (source, target)``.
@@ -255,6 +294,10 @@ class DualAttentionTrainer(Trainer):
         local_conditional: bool = False,
         fresh_batches: FreshBatches | str = FreshBatches.NONE,
         attention_source: AttentionSource | str = AttentionSource.CONFIDENCE,
+        local_target: LocalTarget | str = LocalTarget.BINARY,
+        n_local: int = 1,
+        local_mix_cell: int = 16,
+        attention_smoothing: float = 0.0,
         epoch_length: int | None = None,
         non_blocking: bool = False,
         prepare_batch: Callable = default_prepare_batch,
@@ -269,12 +312,16 @@ class DualAttentionTrainer(Trainer):
             variant=variant, beta=beta, p=p, lambda_gp=lambda_gp, lambda_adv_global=lambda_adv_global,
             lambda_adv_local=lambda_adv_local, n_critic=n_critic, attention_warmup=attention_warmup,
             attention_norm=attention_norm, attention_floor=attention_floor, fresh_batches=fresh_batches,
-            attention_source=attention_source,
+            attention_source=attention_source, local_target=local_target, n_local=n_local,
+            attention_smoothing=attention_smoothing, local_mix_cell=local_mix_cell,
         )
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}.")
         if precision == "fp16" and torch.device(device).type != "cuda":
             raise ValueError(f"precision 'fp16' needs a CUDA device (got {device!r}); use 'bf16' on CPU.")
+        if attention_warmup is None:
+            raise ValueError("attention_warmup must be an integer >= 0 here; a bundle config resolves it from "
+                             "attention_start (custom_components.schedules.PhaseSchedule).")
         if not isinstance(adversarial_warmup, int) or adversarial_warmup < 0:
             raise ValueError(f"adversarial_warmup must be an integer >= 0, got {adversarial_warmup!r}.")
         if not isinstance(gp_interval, int) or gp_interval < 1:
@@ -307,6 +354,10 @@ class DualAttentionTrainer(Trainer):
         self.attention_warmup, self.attention_floor = attention_warmup, float(attention_floor)
         self.local_conditional = bool(local_conditional)
         self.attention_source = AttentionSource(attention_source)
+        if self.variant == Variant.ERROR_WEIGHTED:
+            self.attention_source = AttentionSource.ERROR
+        self.local_target, self.n_local, self.local_mix_cell = LocalTarget(local_target), n_local, local_mix_cell
+        self.attention_smoothing = float(attention_smoothing)
         self.adversarial_warmup = adversarial_warmup
         self.fresh_batches = FreshBatches(fresh_batches)
         self._extra_batches: Any = None
@@ -320,6 +371,19 @@ class DualAttentionTrainer(Trainer):
         use_scaler = precision == "fp16"
         self.scalers = {name: torch.amp.GradScaler("cuda", enabled=use_scaler)
                         for name in ("generator", "global_critic", "local_discriminator")}
+        self.add_event_handler(Events.STARTED, self._check_phases)
+
+    def _check_phases(self, engine: Engine) -> None:
+        """Refuse a run in which the discriminators or the attention would never start (nothing would say so)."""
+        total = (self.state.max_epochs or 0) * (self.state.epoch_length or 0)
+        numbers = (f"the run has {self.state.max_epochs} epochs x {self.state.epoch_length} iterations = {total} "
+                   "iterations")
+        if (self.global_critic is not None or self.local_discriminator is not None) and self.adversarial_warmup >= total:
+            raise ValueError(f"variant {self.variant.value!r}: the discriminators would never train: adversarial_warmup "
+                             f"is {self.adversarial_warmup} iterations and {numbers}.")
+        if uses_attention(self.variant) and self.adversarial_warmup + self.attention_warmup >= total:
+            raise ValueError(f"variant {self.variant.value!r}: the attention would never start: it begins after "
+                             f"iteration {self.adversarial_warmup + self.attention_warmup} and {numbers}.")
 
     def _with_optimizer(self, net: torch.nn.Module | None, optimizer: Optimizer | Callable | None):
         if net is None:
@@ -347,7 +411,7 @@ class DualAttentionTrainer(Trainer):
 
     def attention_active(self, iteration: int) -> bool:
         """Whether F = (1 - M)^beta weights the voxel loss at ``iteration`` (1-based)."""
-        return self.variant == Variant.DUAL_ATTENTION and iteration > self.adversarial_warmup + self.attention_warmup
+        return uses_attention(self.variant) and iteration > self.adversarial_warmup + self.attention_warmup
 
     def _autocast(self):
         if self.precision == "fp32":
@@ -426,18 +490,39 @@ class DualAttentionTrainer(Trainer):
         out[keys.WASSERSTEIN] = (real_score.mean() - fake_score.mean()).item()
         return out
 
+    def mix_mask(self, like: torch.Tensor) -> torch.Tensor:
+        """A random per-voxel mask (1 = real) of square cells of ``local_mix_cell`` voxels, shaped (B, 1, spatial)."""
+        coarse = [max(1, math.ceil(s / self.local_mix_cell)) for s in like.shape[2:]]
+        cells = torch.rand((like.shape[0], 1, *coarse), device=like.device) < 0.5
+        mask = cells.float()
+        for dim, size in enumerate(like.shape[2:]):
+            mask = mask.repeat_interleave(self.local_mix_cell, dim=dim + 2).narrow(dim + 2, 0, size)
+        return mask.to(like.dtype)
+
     def local_step(self, source: torch.Tensor, target: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
-        """One update of D2 with the dense BCE of Eq. 4: real voxels -> 1, synthetic voxels -> 0."""
+        """``n_local`` updates of D2 with the dense BCE of Eq. 4: real voxels -> 1, synthetic voxels -> 0.
+
+        With ``local_target="mixed"`` each update also scores a composite m * Y + (1 - m) * G(X) under a random cell
+        mask m (:meth:`mix_mask`) against the per-voxel target m.
+        """
         local_d, n = self.local_discriminator, target.shape[0]
         local_d.train()
-        self.local_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
-        pair = torch.cat([self.local_input(target, source), self.local_input(fake.detach().to(target.dtype), source)])
-        with self._autocast():
-            real_logit, fake_logit = local_d(pair).float().split(n)
-        loss_local = F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit)) + \
-            F.binary_cross_entropy_with_logits(fake_logit, torch.zeros_like(fake_logit))
-        self._check_finite(DualAttentionKeys.LOCAL_D, loss_local)
-        self._step("local_discriminator", loss_local, self.local_optimizer)
+        fake = fake.detach().to(target.dtype)
+        for _ in range(self.n_local):
+            self.local_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
+            inputs = [self.local_input(target, source), self.local_input(fake, source)]
+            mix = None
+            if self.local_target == LocalTarget.MIXED:
+                mix = self.mix_mask(target)
+                inputs.append(self.local_input(mix * target + (1.0 - mix) * fake, source))
+            with self._autocast():
+                logits = local_d(torch.cat(inputs)).float().split(n)
+            loss_local = F.binary_cross_entropy_with_logits(logits[0], torch.ones_like(logits[0])) + \
+                F.binary_cross_entropy_with_logits(logits[1], torch.zeros_like(logits[1]))
+            if mix is not None:
+                loss_local = loss_local + F.binary_cross_entropy_with_logits(logits[2], mix.float())
+            self._check_finite(DualAttentionKeys.LOCAL_D, loss_local)
+            self._step("local_discriminator", loss_local, self.local_optimizer)
         return {DualAttentionKeys.LOCAL_D: loss_local.item()}
 
     def generator_step(self, source: torch.Tensor, target: torch.Tensor,
@@ -458,6 +543,9 @@ class DualAttentionTrainer(Trainer):
         with _frozen(critic_m, local_m), self._autocast():
             loss_g = torch.zeros((), device=fake.device)
             weight = None
+            if local_m is None and self.attention_active(self.state.iteration):  # error_weighted: no D2 needed
+                weight = attention_weight(error_confidence(fake, target, self.attention_smoothing), self.beta,
+                                          self.attention_norm, self.attention_floor)
             if local_m is not None:
                 logits = local_m(self.local_input(fake, source)).float()
                 confidence = confidence_map(logits)
@@ -468,7 +556,11 @@ class DualAttentionTrainer(Trainer):
                 out[keys.CONFIDENCE] = confidence
                 if self.attention_active(self.state.iteration):
                     if self.attention_source == AttentionSource.ERROR:
-                        confidence = error_confidence(fake, target)
+                        confidence = error_confidence(fake, target, self.attention_smoothing)
+                    elif self.attention_source == AttentionSource.GAP:
+                        with torch.no_grad():
+                            real_logits = local_m(self.local_input(target.to(fake.dtype), source)).float()
+                        confidence = gap_confidence(real_logits, logits, self.attention_smoothing)
                     weight = attention_weight(confidence, self.beta, self.attention_norm, self.attention_floor)
             if critic_m is not None:
                 loss_adv_global = -critic_m(fake).float().mean()  # Eq. 3

@@ -12,12 +12,14 @@ from scipy.stats import spearmanr
 
 from custom_components.metrics import (
     QA_KEYS,
+    SPARSIFICATION_FRACTIONS,
     ConfidenceQAMetric,
     MaskedRegressionMetric,
     batch_items,
     confidence_qa,
     masked_mae,
     masked_psnr,
+    sparsification_curve,
 )
 
 
@@ -135,3 +137,78 @@ def test_masked_metric_on_engine_averages_non_empty_volumes():
     metric.attach(engine, "mae_tumour")
     engine.run(vols, max_epochs=1)
     assert engine.state.metrics["mae_tumour"] == pytest.approx(0.5)
+
+
+def _errors(n=4000, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng, rng.random(n) ** 3  # skewed, like synthesis errors
+
+
+def test_sparsification_curve_by_hand_and_oracle_shape():
+    err = np.array([4.0, 1.0, 3.0, 0.0, 2.0])  # mean 2
+    curve = sparsification_curve(-np.arange(5.0), err, [0.0, 0.2, 0.4, 0.6, 0.8])  # removes 4, then 1, 3, 0
+    np.testing.assert_allclose(curve, np.array([2.0, 6 / 4, 5 / 3, 2 / 2, 2 / 1]) / 2.0)
+    _, err = _errors()
+    oracle = sparsification_curve(err, err)
+    assert oracle.shape == (len(SPARSIFICATION_FRACTIONS),) and oracle[0] == pytest.approx(1.0)
+    assert (np.diff(oracle) <= 1e-12).all() and oracle[-1] < 0.5
+    assert np.isnan(sparsification_curve(np.ones(3), np.zeros(3))).all()  # no error: nothing to normalise by
+    with pytest.raises(ValueError, match="fractions"):
+        sparsification_curve(err, err, [0.0, 1.0])
+    with pytest.raises(ValueError, match="same size"):
+        sparsification_curve(err[:-1], err)
+
+
+def test_sparsification_curve_averages_ties_like_random_tie_breaking():
+    rng, err = _errors(200)
+    coarse = rng.integers(0, 3, err.size).astype(float)  # three tie groups
+    fractions = [0.0, 0.1, 0.33, 0.5, 0.7]
+    expected = np.mean([sparsification_curve(coarse + 1e-6 * rng.random(err.size), err, fractions)
+                        for _ in range(3000)], axis=0)  # random order inside each group
+    np.testing.assert_allclose(sparsification_curve(coarse, err, fractions), expected, atol=5e-3)  # MC error ~1e-3
+    np.testing.assert_allclose(sparsification_curve(np.zeros(err.size), err), 1.0)  # constant map: the flat line
+    perm = rng.permutation(err.size)  # the voxel order does not matter
+    np.testing.assert_allclose(sparsification_curve(coarse[perm], err[perm]), sparsification_curve(coarse, err))
+
+
+def _qa_of_uncertainty(uncertainty, err):
+    """confidence_qa with pred = 0 and target = err, so the error is err and M = 1 - uncertainty."""
+    return confidence_qa(torch.as_tensor(1.0 - uncertainty), torch.zeros(err.size), torch.as_tensor(err))
+
+
+def test_ause_perfect_random_negated_and_constant_maps():
+    rng, err = _errors()
+    perfect = _qa_of_uncertainty(err, err)
+    assert perfect["qa_ause"] == pytest.approx(0.0, abs=1e-6)
+    assert perfect["qa_sparsification_gain"] == pytest.approx(1.0, abs=1e-5)
+    random = _qa_of_uncertainty(rng.random(err.size), err)
+    negated = _qa_of_uncertainty(-err, err)
+    assert negated["qa_ause"] > random["qa_ause"] > perfect["qa_ause"]
+    assert negated["qa_sparsification_gain"] < 0 and abs(random["qa_sparsification_gain"]) < 0.1
+    oracle = sparsification_curve(err, err)
+    assert random["qa_ause"] == pytest.approx(np.mean(1 - oracle), abs=0.03)  # the flat line minus the oracle
+    constant = _qa_of_uncertainty(np.full(err.size, 0.3), err)
+    assert abs(constant["qa_sparsification_gain"]) < 0.05
+    assert constant["qa_ause"] == pytest.approx(np.mean(1 - oracle), abs=1e-4)
+
+
+def test_ause_is_restricted_to_the_foreground():
+    rng, err = _errors(2000)
+    mask = rng.random(err.size) > 0.5
+    unc = np.where(mask, err, -err)  # perfect inside the foreground, inverted outside
+    out = confidence_qa(torch.as_tensor(1.0 - unc), torch.zeros(err.size), torch.as_tensor(err),
+                        mask=torch.as_tensor(mask))
+    assert out["qa_ause"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_new_keys_are_floats_and_nan_when_undefined():
+    pred, target = _volume()
+    out = confidence_qa(torch.rand_like(pred), pred, target)
+    assert set(out) == set(QA_KEYS) and {"qa_ause", "qa_sparsification_gain"} <= set(out)
+    assert all(isinstance(v, float) for v in out.values()) and math.isfinite(out["qa_ause"])
+    mask = torch.zeros_like(pred)
+    mask.view(-1)[3] = 1  # a one-voxel foreground
+    tiny = confidence_qa(torch.rand_like(pred), pred, target, mask=mask)
+    assert all(math.isnan(tiny[k]) for k in ("qa_ause", "qa_sparsification_gain", "qa_auroc_worst"))
+    exact = confidence_qa(torch.rand_like(pred), target, target)  # no error at all
+    assert math.isnan(exact["qa_ause"]) and math.isnan(exact["qa_sparsification_gain"])

@@ -80,3 +80,75 @@ def test_a_run_that_ends_within_the_warmup_still_validates():
 def test_a_trainer_without_discriminators_is_not_delayed():
     assert _validated_epochs(9, 8, global_critic=None, local_discriminator=None) == [2, 4, 6, 8]
     assert _validated_epochs(9, 8, global_critic=None, local_discriminator=object()) == [4, 6, 8]
+
+
+# --------------------------------------------------------------------------- PhaseSchedule: phases follow the data
+from custom_components.schedules import PhaseSchedule, check_selection_metric, iterations_per_epoch  # noqa: E402
+
+
+@pytest.mark.parametrize("n, batch, world, expected", [(16, 2, 1, 8), (12, 2, 1, 6), (1251, 2, 1, 626), (2, 2, 1, 1),
+                                                       (200, 2, 4, 25), (5, 2, 2, 2)])
+def test_iterations_per_epoch_follow_subjects_batch_and_ranks(n, batch, world, expected):
+    assert iterations_per_epoch(n, batch, world) == expected
+
+
+@pytest.mark.parametrize("n_train", [2, 12, 16, 200, 1251])
+def test_default_fractions_give_every_data_set_size_the_same_phases(n_train):
+    """The fixed 1920-iteration warm-up left a 12-subject set a silent UNet; fractions give each size the same run."""
+    s = PhaseSchedule(300, iterations_per_epoch(n_train, 2), "dual_attention", val_interval=5)
+    assert s.adversarial_warmup == math.floor(0.8 * s.total + 1e-9)  # 80 % of the run plain L1, whatever the size
+    assert s.adversarial_warmup < s.attention_begins_after < s.total
+    assert s.selection_begins_after == s.attention_begins_after
+    text = s.describe()
+    assert f"discriminators: from iteration {s.adversarial_warmup + 1} (epoch 241)" in text
+    assert "attention: from iteration" in text and "model selection: validations from epoch" in text
+
+
+def test_the_users_12_subject_100_epoch_run_trains_its_discriminators():
+    s = PhaseSchedule(100, iterations_per_epoch(12, 2), "dual_attention", val_interval=5)  # 6 iterations per epoch
+    assert s.adversarial_warmup == 480 and s.total == 600 and s.attention_begins_after == 492
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"adversarial_iterations": 1920}, "discriminators would never train"),  # the old fixed count on a small set
+    ({"adversarial_start": 1.0, "attention_start": 1.0}, "discriminators would never train"),
+    ({"attention_start": 1.0}, "attention would never start"),
+    ({"val_interval": 7}, "no validation would select a model"),  # 6 epochs, first validation at epoch 7
+    ({"attention_start": 0.5}, "must be >= adversarial_start"),
+    ({"adversarial_start": 1.5}, "adversarial_start must be a fraction"),
+    ({"adversarial_iterations": -1}, "adversarial_warmup must be an integer"),
+])
+def test_a_schedule_that_never_reaches_its_phases_is_refused_with_the_numbers(kwargs, message):
+    with pytest.raises(ValueError, match=message) as err:
+        PhaseSchedule(6, iterations_per_epoch(12, 2), "dual_attention", **kwargs)
+    if "never" in message:
+        assert "6 epochs x 6 iterations = 36 iterations" in str(err.value)
+
+
+def test_unet_has_no_phases_and_validates_from_the_start():
+    s = PhaseSchedule(2, 1, "unet", adversarial_start=0.99, attention_start=0.99)
+    assert s.selection_begins_after == 0
+    assert PhaseSchedule(4, 2, "error_weighted").selection_begins_after == 6
+
+
+def test_explicit_iterations_override_the_fractions_and_selection_can_start_at_once():
+    s = PhaseSchedule(10, 4, "dual", adversarial_iterations=0, attention_iterations=3, select_after_warmup=False)
+    assert (s.adversarial_warmup, s.attention_warmup, s.selection_begins_after) == (0, 3, 0)
+
+
+def test_the_trainer_must_run_the_epochs_the_schedule_was_resolved_for():
+    from ignite.engine import Engine
+
+    s = PhaseSchedule(3, 4, "dual_attention")
+    engine = Engine(lambda e, b: None)
+    s.attach(engine)
+    with pytest.raises(ValueError, match="resolved for 3 x 4"):
+        engine.run([0, 1, 2], max_epochs=3)  # 3 iterations per epoch, not 4
+
+
+def test_selection_metric_must_be_computed_and_higher_is_better():
+    metrics = {"val_psnr": 0}, {"val_ssim": 0, "val_mae": 0, "val_psnr_tumour": 0, "val_qa": 0}
+    assert check_selection_metric("val_psnr_tumour", *metrics) == "val_psnr_tumour"
+    for bad in ("val_mae", "val_qa", "val_psnr_brain"):
+        with pytest.raises(ValueError, match="selection_metric"):
+            check_selection_metric(bad, *metrics)

@@ -31,6 +31,7 @@ NETWORKS = {
     Variant.LOCAL: {"g", "d2"},
     Variant.DUAL: {"g", "d1", "d2"},
     Variant.DUAL_ATTENTION: {"g", "d1", "d2"},
+    Variant.ERROR_WEIGHTED: {"g"},
 }
 
 
@@ -40,7 +41,7 @@ def _batches(spatial_dims: int, n: int = 2, size: int = 16):
     return [{"image": torch.rand(shape, generator=g), "label": torch.rand(shape, generator=g)} for _ in range(n)]
 
 
-def _make(variant, spatial_dims=2, **kwargs):
+def _make(variant, spatial_dims=2, max_epochs=1, **kwargs):
     torch.manual_seed(0)
     g = UNet(spatial_dims, 1, 1, (4, 8, 16), (2, 2), num_res_units=0)
     nets = NETWORKS[Variant(variant)]
@@ -48,7 +49,7 @@ def _make(variant, spatial_dims=2, **kwargs):
     d2 = LocalDiscriminator(spatial_dims, channels=(4, 4, 8, 8)) if "d2" in nets else None
     factory = lambda params: torch.optim.Adam(params, lr=1e-3)  # noqa: E731
     trainer = DualAttentionTrainer(
-        "cpu", 1, _batches(spatial_dims), g, torch.optim.Adam(g.parameters(), lr=1e-3), variant,
+        "cpu", max_epochs, _batches(spatial_dims), g, torch.optim.Adam(g.parameters(), lr=1e-3), variant,
         d1, factory, d2, factory, **kwargs,
     )
     return trainer, g, d1, d2
@@ -66,6 +67,7 @@ EXPECTED_TERMS = {
              "confidence_mean"},
 }
 EXPECTED_TERMS["dual_attention"] = EXPECTED_TERMS["dual"]
+EXPECTED_TERMS["error_weighted"] = set()
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
@@ -80,7 +82,7 @@ def test_variant_updates_exactly_its_networks(variant, spatial_dims):
     scalars = loss_terms(out)
     assert set(scalars) == {"loss", "loss_recon", "attention_mean"} | EXPECTED_TERMS[variant]
     assert all(isinstance(v, float) for v in scalars.values())
-    assert (out[DualAttentionKeys.ATTENTION_MEAN] < 1.0) == (variant == "dual_attention")
+    assert (out[DualAttentionKeys.ATTENTION_MEAN] < 1.0) == (variant in ("dual_attention", "error_weighted"))
     panels = image_panels(out)
     assert panels.shape[1] == (2 if "d2" in NETWORKS[Variant(variant)] else 1)  # G(X), and M when D2 is trained
     assert set(trainer.checkpoint_dict()) == {"generator", "g_optimizer", "trainer"} | (
@@ -88,9 +90,10 @@ def test_variant_updates_exactly_its_networks(variant, spatial_dims):
         {"local_discriminator", "local_optimizer"} if d2 else set())
 
 
-def test_all_variants_are_the_five_of_the_paper_reference_first():
-    """The arms of scripts/ablation.py and the rows of scripts/benchmark.py: the UNet reference, then the GANs."""
-    assert all_variants() == ["unet", "global", "local", "dual", "dual_attention"]
+def test_all_variants_are_the_five_of_the_paper_then_the_error_weighted_baseline():
+    """The arms of scripts/ablation.py and the rows of scripts/benchmark.py: the UNet reference, the GANs, then the
+    error-weighted L1 the paper never compared with."""
+    assert all_variants() == ["unet", "global", "local", "dual", "dual_attention", "error_weighted"]
 
 
 @pytest.mark.parametrize("variant", list(Variant))
@@ -107,10 +110,26 @@ def test_total_loss_is_eq7():
 
 
 def test_attention_warmup_keeps_plain_l1():
-    trainer, *_ = _make("dual_attention", attention_warmup=2)  # both iterations inside the warm-up
+    trainer, *_ = _make("dual_attention", attention_warmup=1)  # iteration 1 inside the warm-up, 2 after it
+    means = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: means.append(e.state.output["attention_mean"]))
     trainer.run()
-    assert trainer.state.output["attention_mean"] == 1.0
-    assert trainer.attention_active(3) and not trainer.attention_active(2)
+    assert means[0] == 1.0 and means[1] != 1.0
+    assert trainer.attention_active(2) and not trainer.attention_active(1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"variant": "dual", "adversarial_warmup": 2}, "discriminators would never train"),
+    ({"variant": "dual_attention", "adversarial_warmup": 1, "attention_warmup": 1}, "attention would never start"),
+    ({"variant": "error_weighted", "adversarial_warmup": 0, "attention_warmup": 2}, "attention would never start"),
+])
+def test_a_run_whose_phase_never_begins_is_refused_before_any_update(kwargs, message):
+    """A warm-up as long as the run used to give a silent UNet (the discriminators never trained, nothing said so)."""
+    trainer, g, *_ = _make(**kwargs)  # 1 epoch of 2 iterations
+    before = copy.deepcopy(g.state_dict())
+    with pytest.raises(ValueError, match=message):
+        trainer.run()
+    assert not _changed(g, before)
 
 
 def test_dual_attention_with_beta_zero_matches_dual():
@@ -400,16 +419,19 @@ def test_fresh_batches_draw_other_minibatches(fresh, draws):
 
 
 def test_adversarial_warmup_trains_only_the_generator_first():
-    trainer, g, d1, d2 = _make("dual_attention", adversarial_warmup=2, attention_warmup=1)
+    trainer, g, d1, d2 = _make("dual_attention", max_epochs=2, adversarial_warmup=2, attention_warmup=1)
     before = {n: copy.deepcopy(net.state_dict()) for n, net in (("d1", d1), ("d2", d2), ("g", g))}
-    outputs = []
+    outputs, after_warmup = [], {}
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(loss_terms(e.state.output)))
-    trainer.run()  # epoch 1 = 2 iterations: the warm-up
-    assert _changed(g, before["g"]) and not _changed(d1, before["d1"]) and not _changed(d2, before["d2"])
-    assert all(set(o) == {"loss", "loss_recon", "attention_mean"} for o in outputs)
-    assert not trainer.attention_active(3) and trainer.attention_active(4)  # attention warm-up counts after it
-    trainer.state.max_epochs = 2
+
+    @trainer.on(Events.EPOCH_COMPLETED(once=1))  # epoch 1 = 2 iterations: the warm-up
+    def _(_):
+        after_warmup.update(g=_changed(g, before["g"]), d1=_changed(d1, before["d1"]), d2=_changed(d2, before["d2"]))
+
     trainer.run()  # iterations 3-4: adversarial training
+    assert after_warmup == {"g": True, "d1": False, "d2": False}
+    assert all(set(o) == {"loss", "loss_recon", "attention_mean"} for o in outputs[:2])
+    assert not trainer.attention_active(3) and trainer.attention_active(4)  # attention warm-up counts after it
     assert _changed(d1, before["d1"]) and _changed(d2, before["d2"])
     assert "loss_local_d" in outputs[-1] and "loss_critic" in outputs[-1]
     assert outputs[-1]["attention_mean"] != 1.0
@@ -439,3 +461,68 @@ def test_error_source_weights_the_voxel_loss_by_the_true_error():
 def test_unknown_attention_source_is_refused():
     with pytest.raises(ValueError, match="attention_source must be one of"):
         _make("dual_attention", attention_source="tumour")
+
+
+def test_error_weighted_variant_weights_by_the_error_without_discriminators():
+    """error_weighted: G alone, F from |Y - G(X)|; beta 0 makes it plain L1 (the unet variant)."""
+    trainer, g, d1, d2 = _make("error_weighted", beta=2.0, attention_norm="mean")
+    assert d1 is None and d2 is None and trainer.attention_source == "error"
+    source, target = _fixed_batch()
+    with torch.no_grad():
+        g.train()
+        err = (target - g(source)).abs()
+    trainer.state.iteration = 1
+    out = trainer.generator_step(source, target)
+    assert out[DualAttentionKeys.RECON] > float(err.mean()) * 1.05  # the largest errors weigh most
+    flat, *_ = _make("error_weighted", beta=0.0)
+    flat.state.iteration = 1
+    assert flat.generator_step(source, target)[DualAttentionKeys.RECON] == pytest.approx(float(err.mean()), rel=1e-5)
+
+
+def test_mixed_local_target_labels_each_voxel_of_a_composite():
+    trainer, _, _, d2 = _make("local", local_target="mixed", local_mix_cell=4)
+    source, target = _fixed_batch()
+    mask = trainer.mix_mask(target)
+    assert mask.shape == (target.shape[0], 1, *target.shape[2:]) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    cells = mask[:, :, ::4, ::4]  # constant on 4 x 4 cells, both labels present
+    assert torch.equal(mask, cells.repeat_interleave(4, 2).repeat_interleave(4, 3)) and 0 < mask.mean() < 1
+    seen = []
+    d2.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    trainer.local_step(source, target, target * 0.5)
+    assert seen == [3 * target.shape[0]]  # real, fake and the composite in one forward pass
+    binary, _, _, d2b = _make("local", n_local=3)
+    calls = []
+    d2b.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    binary.local_step(source, target, target * 0.5)
+    assert calls == [2 * target.shape[0]] * 3  # n_local updates, real and fake only
+
+
+def test_gap_source_is_zero_where_the_synthesis_equals_the_target():
+    """attention_source 'gap': M from D2(Y) - D2(G(X)); where G(X) = Y the gap is 0 and F is uniform."""
+    from custom_components.losses import gap_confidence
+
+    logits = torch.randn(2, 1, 8, 8)
+    assert torch.allclose(gap_confidence(logits, logits), torch.ones_like(logits))
+    fake = logits.clone()
+    fake[:, :, 2:4, 2:4] -= 3.0  # D2 finds this region of G(X) much less real than the same region of Y
+    m = gap_confidence(logits, fake)
+    assert float(m[:, :, 2:4, 2:4].max()) < 0.01 and float(m.mean()) > 0.9
+    trainer, *_ = _make("dual_attention", attention_source="gap", beta=2.0)
+    source, target = _fixed_batch()
+    trainer.state.iteration = 1
+    out = trainer.generator_step(source, target)
+    assert out[DualAttentionKeys.ATTENTION_MEAN] != 1.0
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"local_target": "soft"}, "local_target"), ({"n_local": 0}, "n_local"), ({"attention_smoothing": -1}, "attention_smoothing"),
+    ({"local_mix_cell": 0}, "local_mix_cell"),
+])
+def test_new_d2_options_are_validated(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        _make("dual_attention", **kwargs)
+
+
+def test_error_weighted_refuses_the_gap_source():
+    with pytest.raises(ValueError, match="gap"):
+        _make("error_weighted", attention_source="gap")
