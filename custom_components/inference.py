@@ -226,7 +226,12 @@ def confidence_condition_key(local_conditional: bool | str) -> str | None:
 
 
 class ConfidenceMapd(MapTransform):
-    """Add the local discriminator's confidence map M = sigmoid(D2(image)) of ``keys`` under ``output_key``.
+    """Add a confidence map M of ``keys`` under ``output_key``: the QA map, high where the synthesis is trusted.
+
+    With ``activation="sigmoid"`` the network is the local discriminator and M = sigmoid(D2(image)) (the paper's
+    map); with ``activation="error"`` it is the error-prediction head (:class:`custom_components.networks.ErrorPredictor`)
+    and M = 1 - clip(predicted |Y - G(X)|, 0, 1): one minus the expected absolute error as a fraction of the
+    normalised intensity range.
 
     Runs in a MONAI post-processing chain on one channel-first image (C, H, W, D) in the network's normalised
     intensity scale, through ``inferer`` (e.g. the same ``SliceInferer`` as the generator). The result keeps the
@@ -238,14 +243,19 @@ class ConfidenceMapd(MapTransform):
         inferer: how to apply D2 to a whole volume.
         output_key: key of the confidence map.
         device: device to run D2 on.
-        condition_key: for a conditional D2 (trained with ``local_conditional``), the key of the source image that
-            D2 sees beside the synthetic one (``image`` in a MONAI evaluator's output); ``None`` otherwise.
+        condition_key: for a conditional D2 (trained with ``local_conditional``) or the error-prediction head, the
+            key of the source image the network sees beside the synthetic one (``image`` in a MONAI evaluator's
+            output); ``None`` otherwise.
+        activation: ``"sigmoid"`` (D2's logits) or ``"error"`` (a predicted absolute error).
     """
 
     def __init__(self, keys: KeysCollection, network: torch.nn.Module | None, inferer: Inferer | None = None,
                  output_key: str = "confidence", device: str | torch.device | None = None,
-                 condition_key: str | None = None) -> None:
+                 condition_key: str | None = None, activation: str = "sigmoid") -> None:
         super().__init__(keys)
+        if activation not in ("sigmoid", "error"):
+            raise ValueError(f"activation must be 'sigmoid' or 'error', got {activation!r}.")
+        self.activation = activation
         if len(self.keys) != 1:
             raise ValueError(f"ConfidenceMapd takes one key, got {self.keys}.")
         self.network = network
@@ -266,7 +276,9 @@ class ConfidenceMapd(MapTransform):
         self.network.eval()
         with torch.no_grad():
             logits = self.inferer(x[None].to(device), self.network)
-        conf = torch.sigmoid(torch.as_tensor(logits)[0]).to(torch.as_tensor(img).device)
+        out = torch.as_tensor(logits)[0]
+        conf = torch.sigmoid(out) if self.activation == "sigmoid" else 1.0 - out.clamp(0.0, 1.0)
+        conf = conf.to(torch.as_tensor(img).device)
         d[self.output_key] = MetaTensor(conf, meta=img.meta, applied_operations=list(img.applied_operations)) \
             if isinstance(img, MetaTensor) else conf
         return d

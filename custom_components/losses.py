@@ -33,6 +33,7 @@ class AttentionSource(StrEnum):
     CONFIDENCE = "confidence"  # M = sigmoid(D2(G(X))), the paper's method
     GAP = "gap"  # M from the paired gap D2(Y) - D2(G(X)) per voxel: zero wherever G(X) looks as real as Y there
     ERROR = "error"  # M from the error |Y - G(X)|, known at every training step (an error-weighted, focal-style L1)
+    PREDICTED = "predicted"  # M from the error-prediction head's estimate of |Y - G(X)| (networks.ErrorPredictor)
 
 
 def difficulty_confidence(difficulty: torch.Tensor, smoothing: float = 0.0, eps: float = 1e-6) -> torch.Tensor:

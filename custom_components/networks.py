@@ -193,6 +193,31 @@ class LocalDiscriminator(torch.nn.Module):
         return torch.nn.functional.interpolate(logits, size=x.shape[2:], mode=mode, align_corners=False)
 
 
+class ErrorPredictor(LocalDiscriminator):
+    """Error-prediction head: the dense FCN of :class:`LocalDiscriminator`, regressing the synthesis error.
+
+    Not in the paper. It sees the source X and the synthetic image G(X) (channels in that order) and is trained on
+    the detached |Y - G(X)| (:meth:`custom_components.DualAttentionTrainer.error_step`), so its output is the
+    expected absolute error at each voxel, in the target's normalised intensity units (>= 0, through a softplus).
+    It is known without the target, so it serves where D2's confidence map was meant to: as the QA map written
+    beside each synthetic image (``1 - predicted error``, see :class:`custom_components.inference.ConfidenceMapd`)
+    and, during training, as a difficulty map for the attention (``attention_source: "predicted"``).
+
+    Args:
+        spatial_dims, channels, norm, act, stem_stride: as for :class:`LocalDiscriminator`.
+        in_channels: channels of source + synthetic image (2 for single-channel images).
+    """
+
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 2, channels: Sequence[int] = (8, 16, 32, 64),
+                 norm: str | tuple | None = ("instance", {"affine": True}),
+                 act: str | tuple = ("leakyrelu", {"negative_slope": 0.2}), stem_stride: int = 2) -> None:
+        super().__init__(spatial_dims, in_channels, channels, norm, act, stem_stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 2C, H, W[, D]) = (source, synthetic). Returns the predicted |Y - G(X)|, shape (B, 1, H, W[, D])."""
+        return torch.nn.functional.softplus(super().forward(x))
+
+
 def local_input_channels(local_conditional: bool | str, image_channels: int = 1) -> int:
     """Input channels of D2: the image's, doubled when D2 also sees the source (``local_conditional``, which may be
     command-line text; see :meth:`custom_components.DualAttentionTrainer.local_input`)."""

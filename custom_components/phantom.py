@@ -144,7 +144,7 @@ _OEDEMA_T1_FACTOR = 0.88  # oedema is only slightly darker than its tissue in T1
 # texture (same field: inverted and steeper), and the oedema's T2 is one inverted linear map of its (noise-free) T1,
 # T2 = T2(oedema) - _LEARNABLE_OEDEMA_T2_SLOPE x (T1 - T1 of oedema over white matter), which covers both the
 # infiltrated tissue (grey matter: darker T1, brighter T2) and the texture.
-_LEARNABLE_T1_TEXTURE = 0.10
+_LEARNABLE_T1_TEXTURE = 0.12
 _LEARNABLE_T2_TEXTURE: dict[int, float] = {_ENH: 0.45, _NEC: 0.40}
 _LEARNABLE_OEDEMA_T2_SLOPE = 2.0
 
@@ -463,10 +463,13 @@ def _mr_image(
             image[tumour] *= np.clip(1.0 + strength[tumour] * texture[tumour], 0.3, None)
     elif tumour.any():
         texture = _smooth_field(rng, shape, vox, 6.0)
-        if shared is not None:
-            shared["texture"] = texture
-        if learnable:  # faint, but about 4x the noise (sigma <= 0.03 x white matter)
+        if learnable:  # faint, but >= 3.5x the noise (sigma <= 0.03 x white matter)
+            # standardised inside the tumour, so that small tumours get the same texture contrast as large ones
+            values = texture[tumour].astype(np.float64)
+            texture = ((texture - values.mean()) / max(float(values.std()), 1e-6)).astype(np.float32)
             image[tumour] += np.float32(_LEARNABLE_T1_TEXTURE) * table[_WM] * texture[tumour]
+            if shared is not None:
+                shared["texture"] = texture
         else:
             image[tumour] *= 1.0 + 0.03 * texture[tumour]
     image = ndimage.gaussian_filter(image, sigma=0.5)  # partial volume / PSF

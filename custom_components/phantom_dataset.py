@@ -2,8 +2,10 @@
 
 :func:`write_phantom_dataset` writes the subjects simulated by :func:`custom_components.phantom.make_subject` as
 NIfTI files, ``<output_dir>/<subject_id>/<key>.nii.gz``, with a MONAI datalist ``<output_dir>/datalist.json`` (paths
-relative to ``output_dir``) and the generation parameters ``<output_dir>/phantom.json``. A complete data set with the
-same parameters is reused, an incomplete one completed; anything else is only replaced with ``overwrite=True``.
+relative to ``output_dir``) and the generation parameters ``<output_dir>/phantom.json`` (including the generator
+``version`` and, for ``t1t2``, the ``tumour_mode``). A complete data set with the same parameters is reused, an
+incomplete one completed; anything else (another ``tumour_mode``, or one made by an older generator version) is only
+replaced with ``overwrite=True``.
 :func:`ensure_phantom` is the entry point of the bundle configs.
 
 Example::
@@ -25,7 +27,17 @@ from typing import Any
 
 import numpy as np
 
-from .phantom import PHANTOM_VERSION, TASKS, check_shape, check_spacing, check_task, make_subject, subject_rng
+from .phantom import (
+    DEFAULT_TUMOUR_MODE,
+    PHANTOM_VERSION,
+    TASKS,
+    check_shape,
+    check_spacing,
+    check_task,
+    check_tumour_mode,
+    make_subject,
+    subject_rng,
+)
 
 __all__ = ["ensure_phantom", "make_affine", "subject_id", "write_phantom_dataset"]
 
@@ -79,6 +91,7 @@ def _parameters(
     shape: tuple[int, int, int],
     spacing: tuple[float, float, float],
     seed: int,
+    tumour_mode: str,
 ) -> dict[str, Any]:
     return {
         "generator": "custom_components.phantom",  # the simulation module, whose version follows
@@ -90,6 +103,8 @@ def _parameters(
         "shape": list(shape),
         "spacing": list(spacing),
         "seed": seed,
+        # mrct has no tumour: the option does not change its arrays and is recorded as null
+        "tumour_mode": tumour_mode if task == "t1t2" else None,
     }
 
 
@@ -117,6 +132,7 @@ def write_phantom_dataset(
     spacing: Sequence[float] = (2.0, 2.0, 3.0),
     seed: int = 0,
     overwrite: bool = False,
+    tumour_mode: str = DEFAULT_TUMOUR_MODE,
 ) -> str:
     """Write a phantom data set and its MONAI datalist; return the datalist path.
 
@@ -141,18 +157,22 @@ def write_phantom_dataset(
         spacing: voxel size in millimetres.
         seed: non-negative seed; subject ``i`` uses ``subject_rng(seed, i)``.
         overwrite: regenerate even if a data set is present (replacing it).
+        tumour_mode: ``"learnable"`` (default: the tumour's T2 is a function of its T1) or ``"irreducible"``
+            (version 1's tumour texture, absent from T1); see :mod:`custom_components.phantom`. Validated for
+            ``mrct`` too, but ignored there (no tumour) and recorded as ``null``.
 
     Returns:
         Path of ``datalist.json`` as a string.
     """
     task = check_task(task)
+    tumour_mode = check_tumour_mode(tumour_mode)
     n_train = _check_int("n_train", n_train, 1)
     n_val = _check_int("n_val", n_val, 0)
     n_test = _check_int("n_test", n_test, 0)
     shape = check_shape(shape)
     spacing = check_spacing(spacing)
     seed = _check_int("seed", seed, 0)
-    params = _parameters(task, n_train, n_val, n_test, shape, spacing, seed)
+    params = _parameters(task, n_train, n_val, n_test, shape, spacing, seed, tumour_mode)
 
     out = Path(output_dir)
     datalist_path = out / "datalist.json"
@@ -206,7 +226,7 @@ def write_phantom_dataset(
         items = []
         for _ in range(count):
             sid = subject_id(task, index)
-            arrays = make_subject(task, shape, spacing, subject_rng(seed, index))
+            arrays = make_subject(task, shape, spacing, subject_rng(seed, index), tumour_mode=tumour_mode)
             (out / sid).mkdir(exist_ok=True)
             for key in TASKS[task]:
                 _save_nifti(arrays[key], affine, out / sid / f"{key}.nii.gz")

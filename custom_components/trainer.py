@@ -24,6 +24,7 @@ from .losses import (
     GradientPenalty,
     attention_weight,
     confidence_map,
+    difficulty_confidence,
     error_confidence,
     gap_confidence,
 )
@@ -152,9 +153,10 @@ def validate_hyperparameters(*, variant: Variant | str, beta: float, p: int, lam
         raise ValueError(f"local_mix_cell must be an integer >= 1 (voxels), got {local_mix_cell!r}.")
     if not isinstance(attention_smoothing, (int, float)) or attention_smoothing < 0:
         raise ValueError(f"attention_smoothing must be a number >= 0 (voxels), got {attention_smoothing!r}.")
-    if _variant(variant) == Variant.ERROR_WEIGHTED and AttentionSource(attention_source) == AttentionSource.GAP:
-        raise ValueError("variant 'error_weighted' has no local discriminator, so attention_source 'gap' cannot be "
-                         "computed; it always weights by the error.")
+    if _variant(variant) == Variant.ERROR_WEIGHTED and AttentionSource(attention_source) in (
+            AttentionSource.GAP, AttentionSource.PREDICTED):
+        raise ValueError(f"variant 'error_weighted' always weights by the error; attention_source "
+                         f"{attention_source!r} is for the variants with a local discriminator.")
 
 
 class DualAttentionKeys(StrEnum):
@@ -168,6 +170,7 @@ class DualAttentionKeys(StrEnum):
     GP = "gradient_penalty"  # the penalty term of Eq. 2 (incl. lambda)
     WASSERSTEIN = "wasserstein"  # E[D1(Y)] - E[D1(G(X))]
     LOCAL_D = "loss_local_d"  # L_D2, Eq. 4
+    ERROR_HEAD = "loss_error_head"  # L1 of the error-prediction head against the detached |Y - G(X)|
     CONFIDENCE_MEAN = "confidence_mean"  # mean of M over G(X)
     ATTENTION_MEAN = "attention_mean"  # mean of F actually applied (1 without attention)
     IMAGE = CommonKeys.IMAGE  # source X
@@ -254,7 +257,11 @@ class DualAttentionTrainer(Trainer):
             see :class:`LocalTarget`.
         n_local: D2 updates per G update.
         local_mix_cell: cell size in voxels of the ``"mixed"`` composite's random mask.
-        attention_smoothing: Gaussian blur (voxels) of the ``"error"``/``"gap"`` difficulty map before F.
+        attention_smoothing: Gaussian blur (voxels) of the ``"error"``/``"gap"``/``"predicted"`` map before F.
+        error_predictor: optional error-prediction head (:class:`custom_components.networks.ErrorPredictor`), any
+            variant: trained at every iteration (:meth:`error_step`) to predict |Y - G(X)| from (X, G(X)); its map is
+            the QA map users get at inference, and the attention's map with ``attention_source="predicted"``.
+        error_optimizer: its optimizer, or a factory ``params -> Optimizer``.
         epoch_length: iterations per epoch, default ``len(train_data_loader)``.
         non_blocking: non-blocking host-to-device copies.
         prepare_batch: callable ``(batch, device, non_blocking, **kwargs) -> (source, target)``.
@@ -298,6 +305,8 @@ class DualAttentionTrainer(Trainer):
         n_local: int = 1,
         local_mix_cell: int = 16,
         attention_smoothing: float = 0.0,
+        error_predictor: torch.nn.Module | None = None,
+        error_optimizer: Optimizer | Callable | None = None,
         epoch_length: int | None = None,
         non_blocking: bool = False,
         prepare_batch: Callable = default_prepare_batch,
@@ -350,6 +359,11 @@ class DualAttentionTrainer(Trainer):
         self.g_network, self.g_optimizer = g_network.to(self.state.device), g_optimizer
         self.global_critic, self.global_optimizer = self._with_optimizer(global_critic, global_optimizer)
         self.local_discriminator, self.local_optimizer = self._with_optimizer(local_discriminator, local_optimizer)
+        if error_predictor is not None and error_optimizer is None:
+            raise ValueError("error_predictor needs error_optimizer (an optimizer or a factory params -> optimizer).")
+        self.error_predictor, self.error_optimizer = self._with_optimizer(error_predictor, error_optimizer)
+        if AttentionSource(attention_source) == AttentionSource.PREDICTED and error_predictor is None:
+            raise ValueError("attention_source 'predicted' needs the error-prediction head (error_predictor), got None.")
         self.beta, self.attention_norm = float(beta), AttentionNorm(attention_norm)
         self.attention_warmup, self.attention_floor = attention_warmup, float(attention_floor)
         self.local_conditional = bool(local_conditional)
@@ -370,7 +384,7 @@ class DualAttentionTrainer(Trainer):
         self.critic_steps = 0
         use_scaler = precision == "fp16"
         self.scalers = {name: torch.amp.GradScaler("cuda", enabled=use_scaler)
-                        for name in ("generator", "global_critic", "local_discriminator")}
+                        for name in ("generator", "global_critic", "local_discriminator", "error_predictor")}
         self.add_event_handler(Events.STARTED, self._check_phases)
 
     def _check_phases(self, engine: Engine) -> None:
@@ -399,6 +413,7 @@ class DualAttentionTrainer(Trainer):
             "generator": self.g_network, "g_optimizer": self.g_optimizer,
             "global_critic": self.global_critic, "global_optimizer": self.global_optimizer,
             "local_discriminator": self.local_discriminator, "local_optimizer": self.local_optimizer,
+            "error_predictor": self.error_predictor, "error_optimizer": self.error_optimizer,
             "trainer": self,
         }
         if self.precision == "fp16":
@@ -525,6 +540,20 @@ class DualAttentionTrainer(Trainer):
             self._step("local_discriminator", loss_local, self.local_optimizer)
         return {DualAttentionKeys.LOCAL_D: loss_local.item()}
 
+    def error_step(self, source: torch.Tensor, target: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
+        """One update of the error-prediction head: L1 between its output for (X, G(X)) and the detached |Y - G(X)|."""
+        head = self.error_predictor
+        head.train()
+        fake = fake.detach().to(target.dtype)
+        error = (target - fake).abs().mean(dim=1, keepdim=True)
+        self.error_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
+        with self._autocast():
+            predicted = head(torch.cat([source.to(fake.dtype), fake], dim=1)).float()
+        loss = F.l1_loss(predicted, error.float())
+        self._check_finite(DualAttentionKeys.ERROR_HEAD, loss)
+        self._step("error_predictor", loss, self.error_optimizer)
+        return {DualAttentionKeys.ERROR_HEAD: loss.item()}
+
     def generator_step(self, source: torch.Tensor, target: torch.Tensor,
                        fake: torch.Tensor | None = None) -> dict[str, Any]:
         """One update of G with Eq. 7; ``fake`` = G(source) with its graph, computed here if ``None``.
@@ -557,6 +586,11 @@ class DualAttentionTrainer(Trainer):
                 if self.attention_active(self.state.iteration):
                     if self.attention_source == AttentionSource.ERROR:
                         confidence = error_confidence(fake, target, self.attention_smoothing)
+                    elif self.attention_source == AttentionSource.PREDICTED:
+                        head = _unwrap(self.error_predictor)
+                        with torch.no_grad():
+                            predicted = head(torch.cat([source.to(fake.dtype), fake.detach()], dim=1)).float()
+                        confidence = difficulty_confidence(predicted, self.attention_smoothing)
                     elif self.attention_source == AttentionSource.GAP:
                         with torch.no_grad():
                             real_logits = local_m(self.local_input(target.to(fake.dtype), source)).float()
@@ -593,6 +627,14 @@ class DualAttentionTrainer(Trainer):
             out.update(engine.critic_step(source, target, fake))
         if adversarial and engine.local_discriminator is not None:
             out.update(engine.local_step(source, target, fake))
+        if engine.error_predictor is not None:  # trained from the first iteration: it only needs G's current error
+            if fake is None:
+                with torch.no_grad():
+                    fake = engine._synthesise(source, grad=False)
+                out.update(engine.error_step(source, target, fake))
+                fake = None
+            else:
+                out.update(engine.error_step(source, target, fake))
         if fresh_g and uses_d:
             source, target = engine.next_batch()
             fake = None
@@ -600,7 +642,8 @@ class DualAttentionTrainer(Trainer):
         return out
 
 
-_NETWORK_ATTRS = {"generator": "g_network", "global_critic": "global_critic", "local_discriminator": "local_discriminator"}
+_NETWORK_ATTRS = {"generator": "g_network", "global_critic": "global_critic", "local_discriminator": "local_discriminator",
+                  "error_predictor": "error_predictor"}
 
 
 def _network_of(trainer: DualAttentionTrainer, name: str) -> torch.nn.Module:

@@ -24,5 +24,6 @@ def load_weights(network: torch.nn.Module | None, path: str | os.PathLike, devic
 
     if network is None:
         return None
-    role = role or ("local discriminator" if type(network).__name__ == "LocalDiscriminator" else "generator")
+    role = role or {"LocalDiscriminator": "local discriminator", "ErrorPredictor": "error-prediction head"}.get(
+        type(network).__name__, "generator")
     return _load(network, path, device, role).to(device).eval()

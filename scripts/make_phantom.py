@@ -10,6 +10,8 @@ Example (from the repository root)::
 
     python scripts/make_phantom.py --output_dir data/phantom_t1t2 --task t1t2 --n_train 16 --seed 0
     python scripts/make_phantom.py --output_dir data/phantom_mrct --task mrct --shape 64,64,40
+    # version-1 tumours: a T2 texture absent from T1 (irreducible error); the default is --tumour_mode learnable
+    python scripts/make_phantom.py --output_dir data/phantom_t1t2_irreducible --tumour_mode irreducible
     # BraTS size (240 x 240 x 155 voxels of 1 mm), about 10-30 s of CPU per subject
     python scripts/make_phantom.py --output_dir data/phantom_brats_size --shape 240,240,155 --spacing 1,1,1 \
         --n_train 4 --n_val 1 --n_test 0
@@ -39,7 +41,9 @@ def main(output_dir: str, verbose: bool = True, **options) -> None:
         verbose: log progress to stderr.
         options: ``custom_components.phantom_dataset.write_phantom_dataset`` options, with the same names and defaults:
             ``--task`` t1t2 | mrct, ``--n_train`` 16, ``--n_val`` 4, ``--n_test`` 4, ``--shape`` 96,96,48,
-            ``--spacing`` 2.0,2.0,3.0, ``--seed`` 0, ``--overwrite`` (regenerate and replace an existing data set).
+            ``--spacing`` 2.0,2.0,3.0, ``--seed`` 0, ``--tumour_mode`` learnable | irreducible (t1t2 only: whether the
+            tumour's T2 is a function of its T1, or carries a texture absent from T1), ``--overwrite`` (regenerate and
+            replace an existing data set).
     """
     import logging
 

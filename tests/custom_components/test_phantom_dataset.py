@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from custom_components.phantom import make_subject, subject_rng
+from custom_components.phantom import PHANTOM_VERSION, make_subject, subject_rng
 from custom_components.phantom_dataset import ensure_phantom, make_affine, write_phantom_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,6 +53,7 @@ def test_dataset_files_and_datalist(t1t2_dataset: Path) -> None:
             assert image.get_data_dtype() == dtype
     params = json.loads((root / "phantom.json").read_text())
     assert params["seed"] == 1 and params["task"] == "t1t2" and params["shape"] == list(SHAPE)
+    assert params["version"] == PHANTOM_VERSION == 2 and params["tumour_mode"] == "learnable"  # the default
     # the files hold exactly what make_subject returns for (seed, index)
     expected = make_subject("t1t2", SHAPE, SPACING, subject_rng(1, 2))
     on_disk = nib.load(root / "phantom_t1t2_002" / "t2.nii.gz").get_fdata(dtype=np.float32)
@@ -124,6 +125,61 @@ def test_different_parameters_raise_then_overwrite(tmp_path: Path) -> None:
     assert (out / "phantom_mrct_000" / "ct.nii.gz").is_file() and (out / "notes.txt").is_file()
 
 
+def test_other_tumour_mode_is_not_reused(tmp_path: Path) -> None:
+    out = tmp_path / "ds"
+    args = {"task": "t1t2", "n_train": 1, "n_val": 0, "n_test": 0, "shape": SHAPE, "seed": 3}
+    write_phantom_dataset(out, tumour_mode="irreducible", **args)
+    assert json.loads((out / "phantom.json").read_text())["tumour_mode"] == "irreducible"
+    t2_path = out / "phantom_t1t2_000" / "t2.nii.gz"
+    irreducible = make_subject("t1t2", SHAPE, SPACING, subject_rng(3, 0), tumour_mode="irreducible")["t2"]
+    np.testing.assert_array_equal(nib.load(t2_path).get_fdata(dtype=np.float32), irreducible)
+    before = t2_path.read_bytes()
+    for call in (write_phantom_dataset, ensure_phantom):  # the default mode is "learnable"
+        with pytest.raises(FileExistsError, match="tumour_mode: existing 'irreducible' != requested 'learnable'"):
+            call(out, **args)
+    assert t2_path.read_bytes() == before
+    assert ensure_phantom(out, tumour_mode="irreducible", **args) == str(out / "datalist.json")  # same mode: reused
+    write_phantom_dataset(out, tumour_mode="learnable", overwrite=True, **args)
+    learnable = make_subject("t1t2", SHAPE, SPACING, subject_rng(3, 0), tumour_mode="learnable")["t2"]
+    np.testing.assert_array_equal(nib.load(t2_path).get_fdata(dtype=np.float32), learnable)
+    assert json.loads((out / "phantom.json").read_text())["tumour_mode"] == "learnable"
+
+
+def test_data_set_of_older_generator_is_not_reused(tmp_path: Path) -> None:
+    out = tmp_path / "ds"
+    args = {"task": "t1t2", "n_train": 1, "n_val": 0, "n_test": 0, "shape": SHAPE, "seed": 0}
+    write_phantom_dataset(out, **args)
+    params = json.loads((out / "phantom.json").read_text())
+    params["version"] = 1  # as written by the generator before tumour_mode existed
+    del params["tumour_mode"]
+    (out / "phantom.json").write_text(json.dumps(params))
+    with pytest.raises(FileExistsError, match=r"version: existing 1 != requested 2.*tumour_mode: existing None"):
+        ensure_phantom(out, **args)
+    with pytest.raises(FileExistsError, match="tumour_mode"):  # not even for the mode that reproduces version 1
+        ensure_phantom(out, tumour_mode="irreducible", **args)
+
+
+def test_mrct_ignores_tumour_mode(tmp_path: Path) -> None:
+    out = tmp_path / "mrct"
+    args = {"task": "mrct", "n_train": 1, "n_val": 0, "n_test": 0, "shape": SHAPE, "seed": 0}
+    path = write_phantom_dataset(out, tumour_mode="irreducible", **args)
+    assert json.loads((out / "phantom.json").read_text())["tumour_mode"] is None
+    assert ensure_phantom(out, **args) == path  # the option does not change mrct arrays: reused
+    with pytest.raises(ValueError, match=r"tumour_mode must be one of \['irreducible', 'learnable'\]"):
+        ensure_phantom(out, tumour_mode="none", **args)
+
+
+def test_prepare_phantom_passes_tumour_mode(tmp_path: Path) -> None:
+    """The bundle config's ``phantom`` dict reaches the writer, ``tumour_mode`` included, and is validated."""
+    data = pytest.importorskip("custom_components.data")
+    config = {"task": "t1t2", "n_train": 1, "n_val": 0, "n_test": 0, "shape": [32, 32, 32], "seed": 0}
+    path = data.prepare_phantom(tmp_path / "ds", config | {"tumour_mode": "irreducible"})
+    assert json.loads((Path(path).parent / "phantom.json").read_text())["tumour_mode"] == "irreducible"
+    with pytest.raises(ValueError, match=r"tumour_mode must be one of \['irreducible', 'learnable'\], got tumour_mode='x'"):
+        data.prepare_phantom(tmp_path / "bad", config | {"tumour_mode": "x"})
+    assert not (tmp_path / "bad").exists()
+
+
 def test_incomplete_dataset_is_completed(tmp_path: Path) -> None:
     out = tmp_path / "ds"
     write_phantom_dataset(out, task="t1t2", n_train=1, n_val=1, n_test=0, shape=SHAPE, seed=2)
@@ -153,6 +209,8 @@ def test_foreign_folder_raises(tmp_path: Path) -> None:
         ({"shape": (48, 0, 48)}, "shape"),
         ({"spacing": (2.0, 0.0, 3.0)}, "spacing"),
         ({"seed": -1}, "seed"),
+        ({"tumour_mode": "random"}, r"tumour_mode must be one of \['irreducible', 'learnable'\]"),
+        ({"task": "mrct", "tumour_mode": None}, "tumour_mode"),
     ],
 )
 def test_bad_arguments(tmp_path: Path, kwargs: dict, name: str) -> None:
@@ -184,6 +242,7 @@ def test_cli_shape_and_spacing(tmp_path: Path) -> None:
     cmd = [
         sys.executable, "scripts/make_phantom.py", "--output_dir", str(out), "--task", "t1t2", "--n_train", "1",
         "--n_val", "0", "--n_test", "0", "--shape", "64,56,40", "--spacing", "1.5,1.5,2", "--verbose", "false",
+        "--tumour_mode", "irreducible",
     ]  # fmt: skip
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -195,7 +254,20 @@ def test_cli_shape_and_spacing(tmp_path: Path) -> None:
         np.testing.assert_allclose(image.affine, make_affine((64, 56, 40), (1.5, 1.5, 2.0)))
     seg = np.asarray(nib.load(out / item["label"]).dataobj)
     assert (seg > 0).sum() > 0 and set(np.unique(seg)) <= {0, 1, 2, 4}
-    assert json.loads((out / "phantom.json").read_text())["spacing"] == [1.5, 1.5, 2.0]
+    params = json.loads((out / "phantom.json").read_text())
+    assert params["spacing"] == [1.5, 1.5, 2.0] and params["tumour_mode"] == "irreducible"
+    t2 = nib.load(out / item["target"]).get_fdata(dtype=np.float32)
+    expected = make_subject("t1t2", (64, 56, 40), (1.5, 1.5, 2.0), subject_rng(0, 0), tumour_mode="irreducible")
+    np.testing.assert_array_equal(t2, expected["t2"])
+
+
+def test_cli_bad_tumour_mode(tmp_path: Path) -> None:
+    cmd = [sys.executable, "scripts/make_phantom.py", "--output_dir", str(tmp_path / "bad"), "--tumour_mode", "easy",
+           "--verbose", "false"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "tumour_mode must be one of ['irreducible', 'learnable'], got tumour_mode='easy'" in result.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_defaults_unchanged(tmp_path: Path) -> None:

@@ -526,3 +526,44 @@ def test_new_d2_options_are_validated(kwargs, name):
 def test_error_weighted_refuses_the_gap_source():
     with pytest.raises(ValueError, match="gap"):
         _make("error_weighted", attention_source="gap")
+
+
+def _with_head(variant="unet", **kwargs):
+    from custom_components.networks import ErrorPredictor
+
+    torch.manual_seed(0)
+    head = ErrorPredictor(2, channels=(4, 4, 8, 8), stem_stride=1)
+    factory = lambda params: torch.optim.Adam(params, lr=1e-2)  # noqa: E731
+    trainer, g, d1, d2 = _make(variant, error_predictor=head, error_optimizer=factory, **kwargs)
+    return trainer, g, head
+
+
+def test_error_head_learns_where_the_synthesis_is_wrong():
+    """The head regresses the detached |Y - G(X)|: after some updates on a fixed batch it ranks the error well."""
+    from custom_components.metrics import confidence_qa
+
+    trainer, g, head = _with_head()
+    source, noise = _fixed_batch(32)
+    source = source.clone()
+    source[:, :, 8:19, 8:19] = 1.0  # a region the source shows (e.g. a lesion) where the target differs
+    fake = 0.2 + 0.4 * source.roll(1, dims=2)  # a synthetic image in [0, 1]
+    target = fake + 0.05 * noise  # G is nearly right everywhere ...
+    target[:, :, 8:19, 8:19] += 0.3  # ... but in the region: the error is large there (12 % of the voxels)
+    losses = [trainer.error_step(source, target, fake)[DualAttentionKeys.ERROR_HEAD] for _ in range(150)]
+    assert losses[-1] < 0.5 * losses[0]
+    head.eval()
+    with torch.no_grad():
+        predicted = head(torch.cat([source, fake], dim=1))
+    qa = confidence_qa(1.0 - predicted[0].clamp(0, 1), fake[0], target[0])
+    assert qa["qa_auroc_worst"] > 0.9
+    assert set(trainer.checkpoint_dict()) >= {"error_predictor", "error_optimizer"}
+
+
+def test_error_head_trains_in_every_iteration_and_feeds_the_predicted_attention():
+    trainer, g, head = _with_head("dual_attention", attention_source="predicted", beta=2.0)
+    before = copy.deepcopy(head.state_dict())
+    trainer.run()
+    assert _changed(head, before) and "loss_error_head" in trainer.state.output
+    assert trainer.state.output[DualAttentionKeys.ATTENTION_MEAN] != 1.0
+    with pytest.raises(ValueError, match="predicted"):
+        _make("dual_attention", attention_source="predicted")  # no head
