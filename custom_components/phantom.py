@@ -20,16 +20,18 @@ intensities, bias field and noise.
 
 The tumour's T2 appearance (``t1t2`` only) follows ``tumour_mode``:
 
-* ``"learnable"`` (the default): a smooth texture field (about 6 mm correlation
-  length) shows in T1 inside the tumour at low amplitude (``+0.10`` times the
-  subject's white-matter T1 per unit of the field, about 4 times the T1 noise) and
-  in T2 inverted and steeper (T2 times ``1 - s * texture`` with ``s`` 0.45
-  enhancing rim, 0.40 necrosis, 0.30 oedema): inside the tumour T2 goes down where
-  T1 goes up, 3-6 times more steeply (in a.u. per a.u.) than between normal grey
-  and white matter. Oedema's T2 level also follows the tissue it infiltrates, which
-  T1 shows (oedema over grey matter is darker in T1 and brighter in T2 than over
-  white matter). The tumour's T2 is thus a deterministic, learnable function of
-  the T1 neighbourhood, but a different one from normal tissue's.
+* ``"learnable"`` (the default): the tumour's T2 is a deterministic function of
+  what T1 shows there, but a different one from normal tissue's. One smooth
+  texture field (6 mm correlation length, standardised inside the tumour) is
+  added to T1 inside the tumour at low amplitude, ``0.12 x`` the subject's
+  white-matter T1 (3-8 times the T1 noise at the default size), and appears in T2
+  inverted and steeper: the enhancing rim's and the necrosis' T2 is multiplied by
+  ``1 - s * texture`` (``s`` 0.45 and 0.40), i.e. about -4.5 and -6.7 a.u. of T2
+  per a.u. of T1, against -1.05 between normal grey and white matter. Oedema's T2
+  is one inverted linear map of its T1, ``T2 = T2_oedema - 2 * (T1 - T1 of oedema
+  over white matter)``: it follows the tissue the oedema infiltrates, which T1
+  shows at 0.88 x that tissue (over grey matter darker in T1, brighter in T2 than
+  over white matter), and the texture.
 * ``"irreducible"``: the generator of version 1 (bit-identical arrays): the
   tumour's T2 carries its own texture that is absent from T1, so it is
   deliberately not a function of the T1 image and its error cannot be learned away.
@@ -66,6 +68,7 @@ from scipy import ndimage
 __all__ = [
     "TASKS",
     "TUMOUR_MODES",
+    "DEFAULT_TUMOUR_MODE",
     "TISSUE_LABELS",
     "SEG_LABELS",
     "PHANTOM_VERSION",
@@ -463,7 +466,7 @@ def _mr_image(
             image[tumour] *= np.clip(1.0 + strength[tumour] * texture[tumour], 0.3, None)
     elif tumour.any():
         texture = _smooth_field(rng, shape, vox, 6.0)
-        if learnable:  # faint, but >= 3.5x the noise (sigma <= 0.03 x white matter)
+        if learnable:  # faint, but >= 3x the noise (sigma <= 0.03 x white matter)
             # standardised inside the tumour, so that small tumours get the same texture contrast as large ones
             values = texture[tumour].astype(np.float64)
             texture = ((texture - values.mean()) / max(float(values.std()), 1e-6)).astype(np.float32)

@@ -35,8 +35,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE_METRICS = ("psnr_volume", "ssim_volume", "mae_volume", "psnr_foreground", "psnr_tumour", "ssim_tumour",
-                 "mae_tumour", "qa_auroc_worst", "qa_spearman", "qa_confidence_tumour", "qa_confidence_outside")
+                 "mae_tumour", "qa_auroc_worst", "qa_spearman", "qa_ause", "qa_sparsification_gain",
+                 "qa_confidence_tumour", "qa_confidence_outside")
 RUN_LEVEL_METRICS = ("psnr_volume", "psnr_foreground", "psnr_tumour", "ssim_volume", "mae_tumour")
+#: the evaluations of every run: the selected weights (``model.pt``, best validation) and the final ones
+WEIGHTS = {"eval": {}, "eval_final": {"model_file": "model_final.pt", "local_d_file": "local_discriminator_final.pt",
+                                      "error_head_file": "error_head_final.pt"}}
 
 
 def _arg(value) -> str:
@@ -54,7 +58,7 @@ def run_arm(name: str, overrides: dict, seed: int, output_dir: Path, common: dic
 
     run_dir = output_dir / name / f"seed_{seed}"
     metrics = run_dir / "eval" / "metrics.csv"
-    if metrics.exists():
+    if metrics.exists() and (run_dir / "eval_final" / "metrics.csv").exists():
         print(f"[ablation] {name} seed {seed}: done already ({metrics})", flush=True)
         return run_dir
     # a string option may name its seed's file, e.g. {"pretrained_generator": "pre/unet/seed_{seed}/models/model.pt"}
@@ -73,11 +77,13 @@ def run_arm(name: str, overrides: dict, seed: int, output_dir: Path, common: dic
         subprocess.run(train, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, check=True)
         (run_dir / "train_time.json").write_text(json.dumps({"seconds": time.perf_counter() - start,
                                                              "threads": workers_threads}))
-        evaluate = base + ["evaluating", "--config_file", "['bundle/configs/train.json','bundle/configs/evaluate.json']",
-                           "--overwrite", "true", "--figures", "false", "--eval_section", eval_section,
-                           "--eval_dir", str(run_dir / "eval")] + args
-        print(f"[ablation] {name} seed {seed}: evaluating", flush=True)
-        subprocess.run(evaluate, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, check=True)
+        for eval_name, files in WEIGHTS.items():
+            extra = [x for k, v in files.items() for x in (f"--{k}", v)]
+            evaluate = base + ["evaluating", "--config_file", "['bundle/configs/train.json','bundle/configs/evaluate.json']",
+                               "--overwrite", "true", "--figures", "false", "--eval_section", eval_section,
+                               "--eval_dir", str(run_dir / eval_name)] + args + extra
+            print(f"[ablation] {name} seed {seed}: evaluating ({eval_name})", flush=True)
+            subprocess.run(evaluate, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, check=True)
     return run_dir
 
 
@@ -88,13 +94,14 @@ def _read_metrics(path: Path) -> dict[str, dict[str, float]]:
         return {r["subject"]: {k: float(v) for k, v in r.items() if k != "subject"} for r in csv.DictReader(f)}
 
 
-def aggregate(output_dir: Path, arms: list[str], seeds: list[int], reference: str) -> tuple[str, list[dict]]:
-    """Build the comparison table from the runs' ``metrics.csv`` files; return (markdown, csv rows)."""
+def aggregate(output_dir: Path, arms: list[str], seeds: list[int], reference: str,
+              eval_name: str = "eval") -> tuple[str, list[dict]]:
+    """Build the comparison table from the runs' ``<eval_name>/metrics.csv`` files; return (markdown, csv rows)."""
     import numpy as np
     from scipy.stats import wilcoxon
 
     runs = {(arm, seed): _read_metrics(f) for arm in arms for seed in seeds
-            if (f := output_dir / arm / f"seed_{seed}" / "eval" / "metrics.csv").exists()}
+            if (f := output_dir / arm / f"seed_{seed}" / eval_name / "metrics.csv").exists()}
     if not runs:
         raise FileNotFoundError(f"no metrics.csv under {output_dir}")
     present = {k for run in runs.values() for row in run.values() for k in row}  # QA columns: arms with a D2 only
@@ -256,14 +263,14 @@ def _plot_curves(rows: list[dict], path: Path, metrics=("val_psnr", "val_psnr_tu
 
 
 def comparisons_table(output_dir: Path, comparisons: list[tuple[str, str]], seeds: list[int],
-                      metrics: tuple[str, ...] = RUN_LEVEL_METRICS) -> tuple[str, list[dict]]:
+                      metrics: tuple[str, ...] = RUN_LEVEL_METRICS, eval_name: str = "eval") -> tuple[str, list[dict]]:
     """Run-level comparisons ``arm`` vs ``base`` (see :func:`paired_run_statistics`) and the subject-level test."""
     import numpy as np
     from scipy.stats import wilcoxon
 
     def runs_of(arm):
         return {s: _read_metrics(f) for s in seeds
-                if (f := output_dir / arm / f"seed_{s}" / "eval" / "metrics.csv").exists()}
+                if (f := output_dir / arm / f"seed_{s}" / eval_name / "metrics.csv").exists()}
 
     rows, md = [], []
     md.append("| comparison | metric | per-seed differences | mean (run unit) | 95% t-CI over seeds | t-test p "
@@ -352,6 +359,15 @@ def main(output_dir: str = "ablation", arms: dict | None = None, seeds: list | t
             raise ValueError(f"each comparison must be [arm, baseline] with arms from {list(arms)}, got {pair!r}.")
     md, rows = aggregate(out, list(arms), seeds, reference)
     cmp_md, cmp_rows = comparisons_table(out, pairs, seeds)
+    final_present = any((out / a / f"seed_{s}" / "eval_final" / "metrics.csv").exists() for a in arms for s in seeds)
+    if final_present:
+        final_md, final_rows = aggregate(out, list(arms), seeds, reference, "eval_final")
+        final_cmp_md, final_cmp_rows = comparisons_table(out, pairs, seeds, eval_name="eval_final")
+        for r in final_rows + final_cmp_rows:
+            r["weights"] = "final"
+        for r in rows + cmp_rows:
+            r["weights"] = "selected"
+        rows, cmp_rows = rows + final_rows, cmp_rows + final_cmp_rows
     curve_rows = curves_table(out, list(arms), seeds)
     times = _train_times(out, list(arms), seeds)
     text = ["## Per arm (subjects as rows, seed-averaged)", "", md, "## Comparisons with the training run as the unit",
@@ -359,6 +375,10 @@ def main(output_dir: str = "ablation", arms: dict | None = None, seeds: list | t
             "The t-interval and t-test use the seeds as the sample; the bootstrap resamples seeds, then subjects "
             "within each seed (paired). The subject-level Wilcoxon test (seed-averaged values, subjects as the "
             "unit) is shown beside them for comparison only.", "", cmp_md]
+    if final_present:
+        text[0] = "## Per arm, selected weights (`model.pt`, best validation), subjects as rows, seed-averaged"
+        text += ["## Final weights (`model_final.pt`, the last iteration)", "", "### Per arm", "", final_md,
+                 "### Comparisons with the training run as the unit", "", final_cmp_md]
     if times:
         text += ["## Training wall time per run (seconds)", "",
                  "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |", "|---" * (len(seeds) + 2) + "|"]

@@ -120,7 +120,7 @@ def _digest(array: np.ndarray) -> str:
 
 
 # sha256 (first 16 hex digits) of the arrays of PHANTOM_VERSION 1 (commit 9e5ffe8, before tumour_mode existed),
-# recorded with numpy 1/2 + scipy of this venv; tumour_mode="irreducible" must reproduce them bit for bit.
+# recorded with this venv's numpy and scipy; tumour_mode="irreducible" must reproduce them bit for bit.
 _VERSION_1_DIGESTS = {
     ("t1t2", 0, 0, (48, 48, 32)): {"t1": "16c0a6059ef2c2d4", "t2": "7adf6b9ed30af606", "seg": "7f56b0e94c4f8593",
                                    "brainmask": "7ef937a82e920f10", "tissue": "ade346e43bbca5d5"},

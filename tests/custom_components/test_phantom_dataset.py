@@ -175,7 +175,8 @@ def test_prepare_phantom_passes_tumour_mode(tmp_path: Path) -> None:
     config = {"task": "t1t2", "n_train": 1, "n_val": 0, "n_test": 0, "shape": [32, 32, 32], "seed": 0}
     path = data.prepare_phantom(tmp_path / "ds", config | {"tumour_mode": "irreducible"})
     assert json.loads((Path(path).parent / "phantom.json").read_text())["tumour_mode"] == "irreducible"
-    with pytest.raises(ValueError, match=r"tumour_mode must be one of \['irreducible', 'learnable'\], got tumour_mode='x'"):
+    allowed = r"tumour_mode must be one of \['irreducible', 'learnable'\], got tumour_mode='x'"
+    with pytest.raises(ValueError, match=allowed):
         data.prepare_phantom(tmp_path / "bad", config | {"tumour_mode": "x"})
     assert not (tmp_path / "bad").exists()
 

@@ -60,12 +60,17 @@ def test_ablation_cli_end_to_end_tiny(tmp_path):
         assert f"| {v} |" in md
     with open(tmp_path / "ablation.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["arm"] for r in rows] == all_variants()  # the default arms: every variant of the package
+    # the default arms: every variant of the package, evaluated with the selected and with the final weights
+    assert [r["arm"] for r in rows if r["weights"] == "selected"] == all_variants()
+    assert [r["arm"] for r in rows if r["weights"] == "final"] == all_variants()
+    assert "## Final weights (`model_final.pt`" in md
+    for v in all_variants():
+        assert (tmp_path / v / "seed_0" / "eval_final" / "metrics.csv").is_file()
     assert all(r["n_subjects"] == "3" for r in rows)
     assert all(r["psnr_tumour_p_vs_ref"] != "" for r in rows if r["arm"] != "dual_attention")
     # finished runs are reused
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("done already") == 5
+    assert again.returncode == 0 and again.stdout.count("done already") == len(all_variants())
 
 
 def _runs(values_by_seed):
