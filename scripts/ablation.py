@@ -346,7 +346,7 @@ def main(output_dir: str = "ablation", arms: dict | None = None, seeds: list | t
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers!r}.")
     common = {"epochs": epochs, "dataset_dir": str(Path(dataset_dir).resolve()) if dataset_dir else str(out / "data"),
-              "phantom": phantom or {"task": "t1t2", "n_train": 16, "n_val": 4, "n_test": 12, "seed": 0},
+              "phantom": phantom or {"task": "t1t2", "n_train": 16, "n_val": 4, "n_test": 12, "seed": 0, "tumour_mode": "learnable"},
               **(overrides or {})}
     if not aggregate_only:
         threads = max(1, (os.cpu_count() or 1) // workers)

@@ -99,6 +99,40 @@ def test_default_paths_short_run_saves_its_model_and_evaluate_finds_it(phantom, 
     assert len(rows) == 2 and "psnr_tumour" in rows[0]  # header + the one test subject
 
 
+def _run_default_schedule(phantom, bundle_root, *overrides):
+    """The bundle as a new user runs it: the shipped phase fractions, no iteration counts given."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "bundle/configs/train.json",
+           "--logging_file", "bundle/configs/logging.conf", "--bundle_root", str(bundle_root),
+           "--dataset_dir", str(phantom), "--make_phantom", "false", "--patch_size", "[32,32]",
+           "--generator_channels", "[8,16,32,64]", "--local_channels", "[4,4,8,8]", "--samples_per_volume", "2",
+           "--log_every", "1", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_the_default_schedule_trains_the_discriminators_of_a_two_subject_set(phantom, tmp_path):
+    """A fixed 1920-iteration warm-up made dual_attention a silent UNet on small sets; the phases are now fractions
+    of the run: 2 subjects, batch 2 -> 1 iteration per epoch, 10 epochs: discriminators from iteration 9."""
+    proc = _run_default_schedule(phantom, tmp_path, "--epochs", "10", "--batch_size", "2", "--val_interval", "1")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "the run has 10 epochs x 1 iterations = 10 iterations" in log
+    assert "discriminators: from iteration 9 (epoch 9)" in log and "attention: from iteration 9 (epoch 9)" in log
+    assert "model selection: validations from epoch 9" in log
+    assert "loss_local_d" in log and "loss_critic" in log  # the discriminators really trained
+    assert "Epoch[8] Metrics" not in log and "Epoch[9] Metrics" in log  # no candidate from the plain-L1 phase
+    models = tmp_path / "runs" / "dual_attention" / "models"
+    assert {"model.pt", "model_final.pt", "local_discriminator.pt", "local_discriminator_final.pt", "error_head.pt",
+            "error_head_final.pt"} <= {p.name for p in models.iterdir()}
+
+
+def test_a_run_that_would_never_select_a_model_is_refused_before_any_work(phantom, tmp_path):
+    proc = _run_default_schedule(phantom, tmp_path, "--epochs", "3", "--batch_size", "1", "--val_interval", "5")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "no validation would select a model" in log and "3 epochs x 2 iterations = 6 iterations" in log
+    assert "Epoch[1]" not in log and not (tmp_path / "runs" / "dual_attention" / "checkpoints").exists()
+
+
 def test_3d_patches_train_with_tumour_and_error_oversampling(phantom, tmp_path):
     proc = _run(phantom, tmp_path, "--epochs", "2", "--spatial_dims", "3", "--patch_size", "[32,16,16]",
                 "--generator_channels", "[4,8,16,16]", "--local_channels", "[4,4,8,8]", "--tumour_weight", "4",
