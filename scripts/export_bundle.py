@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "custom_components"
-WEIGHT_FILES = ("model.pt", "local_discriminator.pt")
+WEIGHT_FILES = ("model.pt", "local_discriminator.pt", "error_head.pt")
 DOC_SUFFIXES = (".md", ".csv", ".txt", ".png", ".jpg")
 SERVING_MODULES = ("label_task",)  # not imported by the configs, used by the MONAI Label app (monailabel_app/)
 
@@ -53,8 +53,8 @@ def check_weights(bundle_dir: str | Path, models_dir: str | Path | None = None) 
     """Load the weight files of ``models_dir`` (default ``<bundle_dir>/models``) into the networks of the inference
     config (train.json with inference.json over it).
 
-    ``model.pt`` is required and must match ``network_def``; ``local_discriminator.pt`` is optional and must match
-    ``local_discriminator``. Returns the files checked; raises naming the file and what did not match.
+    ``model.pt`` is required and must match ``network_def``; ``local_discriminator.pt`` and ``error_head.pt`` are
+    optional and must match ``local_discriminator`` and ``error_predictor``. Returns the files checked; raises naming the file and what did not match.
     """
     import torch
     from monai.bundle import ConfigParser
@@ -68,9 +68,12 @@ def check_weights(bundle_dir: str | Path, models_dir: str | Path | None = None) 
         raise FileNotFoundError(f"no generator weights: {model} does not exist (train, then run `promote`).")
     parser = ConfigParser()
     parser.read_config(config_files(bundle_dir, "infer"))
-    parser.update({"bundle_root": str(bundle_dir), "device": "cpu", "save_confidence": True})
+    head = models_dir / "error_head.pt"
+    parser.update({"bundle_root": str(bundle_dir), "device": "cpu", "save_confidence": True,
+                   "uses_error_head": head.is_file()})
     checked = []
-    for file, net_id in ((model, "network_def"), (models_dir / "local_discriminator.pt", "local_discriminator")):
+    for file, net_id in ((model, "network_def"), (models_dir / "local_discriminator.pt", "local_discriminator"),
+                         (head, "error_predictor")):
         if not file.is_file():
             continue
         try:

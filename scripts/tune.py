@@ -28,11 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 #: Options searched, with their choices (categorical so that queued trials and the table stay readable).
 SEARCH_SPACE: dict[str, list] = {
+    "attention_source": ["confidence", "predicted", "gap", "error"],  # whose map F is made of
+    "local_target": ["binary", "mixed"],  # how D2 is trained (mixed: per-voxel real/fake composites)
     "local_conditional": [False, True],
+    "n_local": [1, 2],
     "beta": [1.0, 2.0, 4.0],
     "attention_norm": ["none", "mean"],
     "attention_floor": [0.0, 0.3],
-    "attention_warmup": [0, 120, 400],
+    "attention_smoothing": [0.0, 1.5],
+    "attention_start": [0.1, 0.3],  # fraction of the run (the fine-tuning protocol starts adversarial at 0)
     "lambda_adv_local": [0.01, 0.05, 0.2],
 }
 
@@ -77,7 +81,7 @@ def main(output_dir: str = "tune", n_trials: int = 6, epochs: int = 60, seed: in
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     common = {"epochs": epochs, "dataset_dir": str(Path(dataset_dir).resolve()) if dataset_dir else str(out / "data"),
-              "phantom": phantom or {"task": "t1t2", "n_train": 16, "n_val": 4, "n_test": 12, "seed": 0},
+              "phantom": phantom or {"task": "t1t2", "n_train": 16, "n_val": 4, "n_test": 12, "seed": 0, "tumour_mode": "learnable"},
               **(overrides or {})}
     threads = max(1, (os.cpu_count() or 1) // max(1, n_jobs))
     unet = _mean_metrics(run_arm("unet", {"variant": "unet"}, seed, out, common, threads, eval_section="validation"))
