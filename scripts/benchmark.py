@@ -87,8 +87,8 @@ def _parser(overrides: dict[str, Any]):
 def _config_trainer(overrides: dict[str, Any], variant: str, batches: list, **trainer_overrides: Any):
     """``train#trainer`` of the shipped config with ``variant``, no handlers, iterating over ``batches``."""
     # adversarial_warmup 0: every timed step is a step of the variant (the shipped warm-up trains G alone first)
-    p = _parser({"adversarial_warmup": 0, **overrides, "variant": variant, "epochs": 1,
-                 "train#trainer#train_data_loader": "$[]",
+    p = _parser({**overrides, "variant": variant, "epochs": 1, "train#trainer#adversarial_warmup": 0,
+                 "train#trainer#attention_warmup": 0, "train#trainer#train_data_loader": "$[]",
                  "train#trainer#train_handlers": [], "train#trainer#epoch_length": len(batches),
                  **{f"train#trainer#{k}": v for k, v in trainer_overrides.items()}})
     trainer = p.get_parsed_content("train#trainer")
@@ -317,7 +317,7 @@ def _time_to_quality(overrides: dict[str, Any], psnr: float, max_epochs: int) ->
     _parser(overrides).get_parsed_content("prepare_data")  # the config's own step: the phantom, if make_phantom
     for variant in ("unet", "dual_attention"):
         with tempfile.TemporaryDirectory() as tmp:
-            p = _parser({"adversarial_warmup": 0, **overrides, "variant": variant, "epochs": max_epochs, "val_interval": 1,
+            p = _parser({"adversarial_warmup": 0, "attention_warmup": 0, **overrides, "variant": variant, "epochs": max_epochs, "val_interval": 1,
                          "output_dir": tmp, "model_dir": tmp,
                          "train#trainer#train_handlers": "$[@train#handlers[0]]"})  # the validation handler only
             trainer, evaluator = p.get_parsed_content("train#trainer"), p.get_parsed_content("validate#evaluator")

@@ -29,7 +29,7 @@ def _run(phantom, bundle_root, *overrides, check=True):
            "--config_file", "bundle/configs/train.json", "--meta_file", "bundle/configs/metadata.json",
            "--logging_file", "bundle/configs/logging.conf",
            "--bundle_root", str(bundle_root), "--model_dir", str(bundle_root / "models"),
-           "--dataset_dir", str(phantom), "--make_phantom", "false", "--adversarial_warmup", "0",
+           "--dataset_dir", str(phantom), "--make_phantom", "false", "--adversarial_warmup", "0", "--attention_warmup", "0",
            "--patch_size", "[32,32]", "--generator_channels", "[8,16,32,64]", "--batch_size", "1",
            "--samples_per_volume", "2", "--val_interval", "1", "--log_every", "1", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)

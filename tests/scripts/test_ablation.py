@@ -52,7 +52,7 @@ def test_ablation_cli_end_to_end_tiny(tmp_path):
     cmd = [sys.executable, "scripts/ablation.py", "--output_dir", str(tmp_path), "--epochs", "1",
            "--phantom", "{'task':'t1t2','n_train':2,'n_val':1,'n_test':3,'shape':[48,48,32],'seed':0}",
            "--overrides", "{'patch_size':[32,32],'generator_channels':[4,8,16,16],'local_channels':[4,4,8,8],"
-           "'batch_size':1,'samples_per_volume':2,'val_interval':1,'adversarial_warmup':0}"]
+           "'batch_size':1,'samples_per_volume':2,'val_interval':1,'adversarial_warmup':0,'attention_warmup':0}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     md = (tmp_path / "ablation.md").read_text()

@@ -12,7 +12,8 @@ from custom_components.phantom_dataset import ensure_phantom
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_OVERRIDES = {"patch_size": [32, 32], "generator_channels": [8, 16, 32, 64], "local_channels": [8, 8, 16, 16],
-                  "batch_size": 1, "samples_per_volume": 2, "make_phantom": False, "adversarial_warmup": 0}
+                  "batch_size": 1, "samples_per_volume": 2, "make_phantom": False, "adversarial_warmup": 0,
+                  "attention_warmup": 0}
 TINY = repr(TINY_OVERRIDES)
 
 
@@ -121,7 +122,7 @@ SUB_STEPS = {
 @pytest.mark.parametrize("variant", list(SUB_STEPS))
 def test_timed_trainer_runs_the_sub_steps_of_its_variant(variant):
     bench = _bench()
-    overrides = {k: v for k, v in TINY_OVERRIDES.items() if k != "adversarial_warmup"}  # the shipped warm-up
+    overrides = {k: v for k, v in TINY_OVERRIDES.items() if k not in ("adversarial_warmup", "attention_warmup")}
     batch = bench._synthetic_batch(overrides, 1)
     trainer = bench._config_trainer(overrides, variant, [batch])
     calls = []
