@@ -26,7 +26,7 @@ def _parser(phantom, tmp_path, *files):
     parser.read_config([str(ROOT / "bundle" / "configs" / f) for f in files])
     parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(phantom), "make_phantom": False,
                    "patch_size": [32, 32], "generator_channels": [8, 16, 32, 64], "batch_size": 1,
-                   "samples_per_volume": 2, "epochs": 1})
+                   "samples_per_volume": 2, "epochs": 1, "val_interval": 1})
     return parser
 
 
@@ -53,7 +53,7 @@ def test_default_config_differs_from_the_paper_where_documented(phantom, tmp_pat
 
 def test_paper_overlay_trains_one_epoch(phantom, tmp_path):
     parser = _parser(phantom, tmp_path, "train.json", "paper.json")
-    parser.update({"val_interval": 100})
+    parser.update({"val_interval": 1})
     trainer = parser.get_parsed_content("train#trainer")
     trainer.run()
     out = trainer.state.output
