@@ -41,7 +41,8 @@ def test_other_ranks_keep_only_the_handlers_every_rank_needs():
 def test_main_rank_keeps_every_handler():
     main = _enabled(is_main=True)
     assert RANK0_ONLY <= set(main["train#handlers"]) | set(main["validate#handlers"])
-    assert len(main["train#handlers"]) == 7 and main["validate#handlers"].count("AtomicCheckpointSaver") == 2
+    # best generator, its local discriminator and its error-prediction head
+    assert len(main["train#handlers"]) == 7 and main["validate#handlers"].count("AtomicCheckpointSaver") == 3
     assert main["checkpoint_saver"] == ["saver"]
 
 
