@@ -277,3 +277,35 @@ def test_unwritable_output_folder_is_named_before_any_work(models, tmp_path):
     assert "ERROR (PermissionError): output folder check failed before inference" in log
     assert f"--output_dir '{blocker / 'sub'}' cannot be written" in log
     assert "Traceback" not in log
+
+
+def test_an_error_head_in_the_model_folder_writes_its_qa_map(models, tmp_path):
+    """With error_head.pt beside the weights, the map written is 1 - the head's predicted error, not D2's M."""
+    from custom_components.inference import ConfidenceMapd
+    from custom_components.networks import ErrorPredictor
+
+    with_head = tmp_path / "models"
+    with_head.mkdir()
+    for f in ("model.pt", "local_discriminator.pt"):
+        (with_head / f).write_bytes((models / f).read_bytes())
+    torch.manual_seed(3)
+    head = ErrorPredictor(2, channels=(4, 4, 8, 8), stem_stride=2)
+    torch.save(head.state_dict(), with_head / "error_head.pt")
+    inp = tmp_path / "in" / "case01"
+    inp.mkdir(parents=True)
+    _volume(inp / "t1.nii.gz", shape=(32, 32, 4))
+    maps = {}
+    for name, folder in (("d2", models), ("head", with_head)):
+        _bundle("run", "inferring", "--config_file", CONFIG, "--input", tmp_path / "in", "--model_dir", folder,
+                "--output_dir", tmp_path / name, *SMALL)
+        maps[name] = nib.load(tmp_path / name / "case01" / "t1_confidence.nii.gz").get_fdata()
+    assert maps["head"].shape == maps["d2"].shape and not np.allclose(maps["head"], maps["d2"])
+    assert maps["head"].min() >= 0 and maps["head"].max() <= 1
+    # the same numbers as the head applied through the bundle's transform
+    parser = ConfigParser()
+    parser.read_config(CONFIGS)
+    parser.update({"generator_channels": [4, 8, 16, 16], "local_channels": [4, 4, 8, 8], "patch_size": [32, 32],
+                   "model_dir": str(with_head), "device": "cpu"})
+    transform = parser.get_parsed_content("confidence_map")
+    assert isinstance(transform, ConfidenceMapd) and transform.activation == "error"
+    assert isinstance(transform.network, ErrorPredictor)

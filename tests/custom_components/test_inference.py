@@ -80,3 +80,27 @@ def test_input_root_is_the_datalist_folder_or_the_input_folder(folder, tmp_path,
 @pytest.mark.parametrize("local_conditional, key", [(True, "image"), ("true", "image"), (False, None), ("off", None)])
 def test_a_conditional_local_discriminator_sees_the_source_beside_the_synthetic_image(local_conditional, key):
     assert confidence_condition_key(local_conditional) == key
+
+
+def test_error_activation_turns_a_predicted_error_into_one_minus_the_error():
+    """The error-prediction head's QA map: M = 1 - clip(predicted |Y - G(X)|, 0, 1), the source beside the image."""
+    import torch
+
+    from custom_components.inference import ConfidenceMapd
+
+    seen = []
+
+    class Head(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.shape[1])
+            return torch.full_like(x[:, :1], 0.3)
+
+    head = Head()
+    head.p = torch.nn.Parameter(torch.zeros(1))  # a device to run on
+    data = {"pred": torch.rand(1, 8, 8), "image": torch.rand(1, 8, 8)}
+    out = ConfidenceMapd("pred", head, condition_key="image", activation="error")(data)
+    assert seen == [2] and torch.allclose(out["confidence"], torch.full((1, 8, 8), 0.7))
+    sig = ConfidenceMapd("pred", head, activation="sigmoid")(data)
+    assert torch.allclose(sig["confidence"], torch.sigmoid(torch.tensor(0.3)).expand(1, 8, 8))
+    with pytest.raises(ValueError, match="activation"):
+        ConfidenceMapd("pred", head, activation="softmax")
