@@ -556,6 +556,12 @@ def test_error_head_learns_where_the_synthesis_is_wrong():
         predicted = head(torch.cat([source, fake], dim=1))
     qa = confidence_qa(1.0 - predicted[0].clamp(0, 1), fake[0], target[0])
     assert qa["qa_auroc_worst"] > 0.9
+    error = (target - fake).abs()
+    inside = torch.zeros_like(error, dtype=torch.bool)
+    inside[:, :, 8:19, 8:19] = True
+    # it predicts the error's size, not just where it is: about 0.3 in the region, about 0.04 elsewhere
+    assert abs(float(predicted[inside].mean()) - float(error[inside].mean())) < 0.1
+    assert float(predicted[~inside].mean()) < 0.1
     assert set(trainer.checkpoint_dict()) >= {"error_predictor", "error_optimizer"}
 
 
