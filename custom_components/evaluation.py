@@ -166,7 +166,7 @@ class SubjectMetricsWriter:
     def _start(self, engine: Engine) -> None:
         existing = [p for p in (self.output_dir / "metrics.csv", self.output_dir / "summary.json") if p.exists()]
         if existing and not self.overwrite:
-            raise FileExistsError(f"{existing[0]} exists; pass '--overwrite true' or choose another --output_dir.")
+            raise FileExistsError(f"{existing[0]} exists; pass '--overwrite true' or choose another --eval_dir.")
         self.rows = []
 
     def __call__(self, engine: Engine) -> None:

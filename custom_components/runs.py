@@ -52,6 +52,9 @@ def check_run_dirs(ckpt_dir: str | os.PathLike, model_file: str | os.PathLike, r
 
     resume, overwrite = as_flag(resume, "resume"), as_flag(overwrite, "overwrite")
     apply_changes = as_flag(apply_changes, "apply_changes")
+    if resume and overwrite:
+        raise ValueError("'--resume true' continues the run in place and '--overwrite true' deletes it to start "
+                         "again: pass one of them, not both.")
     ckpt_dir, model_file = Path(ckpt_dir), Path(model_file)
     check_writable(output_dir=output_dir, ckpt_dir=ckpt_dir, model_dir=model_file.parent)
     remove_partial_files(ckpt_dir, model_file.parent)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -131,12 +132,16 @@ def export(output_dir: str = "release", bundle_dir: str = str(ROOT / "bundle"), 
     if not meta.get("eval_metrics"):
         raise ValueError(f"{bundle / 'configs' / 'metadata.json'} has empty 'eval_metrics': record the metrics of the "
                          "run that produced the weights with `python scripts/export_bundle.py promote --run_dir ...`.")
-    folder, archive = out / name, out / f"{name}_v{version}.zip"
-    for existing in (folder, archive):
+    final_folder, archive = out / name, out / f"{name}_v{version}.zip"
+    for existing in (final_folder, archive):
         if existing.exists() and not overwrite:
             raise FileExistsError(f"{existing} already exists; pass --overwrite true to replace it.")
-    if folder.exists():
-        shutil.rmtree(folder)
+    # everything is built under temporary names and renamed when complete: a killed export leaves no file under a
+    # final name (a rerun removes the leftovers and starts again)
+    staging = out / f".{name}_v{version}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    folder = staging / name
     (folder / "models").mkdir(parents=True)
     shutil.copytree(bundle / "configs", folder / "configs", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(bundle / "docs", folder / "docs",
@@ -148,11 +153,14 @@ def export(output_dir: str = "release", bundle_dir: str = str(ROOT / "bundle"), 
     (folder / PACKAGE).mkdir()
     for module in _runtime_modules(bundle, package):
         shutil.copy2(package / f"{module}.py", folder / PACKAGE / f"{module}.py")
-    if archive.exists():
-        archive.unlink()
-    made = shutil.make_archive(str(archive.with_suffix("")), "zip", root_dir=out, base_dir=name)
-    print(f"release folder: {folder}\nrelease zip: {made}")
-    return made
+    partial_zip = shutil.make_archive(str(staging / archive.stem), "zip", root_dir=staging, base_dir=name)
+    if final_folder.exists():
+        shutil.rmtree(final_folder)
+    os.replace(folder, final_folder)
+    os.replace(partial_zip, archive)
+    shutil.rmtree(staging)
+    print(f"release folder: {final_folder}\nrelease zip: {archive}")
+    return str(archive)
 
 
 def best_epoch_metrics(run_dir: str | Path, key_metric: str = "val_psnr") -> dict[str, float]:

@@ -240,3 +240,23 @@ def test_project_builds_as_a_wheel_with_the_runtime_modules(tmp_path):
         names = set(z.namelist())
     assert {f"custom_components/{m}.py" for m in ("__init__", "paths", "tracking", "weights", "label_task")} <= names
     assert not any(n.startswith(("tests/", "bundle/")) for n in names)
+
+
+def test_an_export_killed_while_zipping_leaves_nothing_under_a_final_name(source_bundle, tmp_path, monkeypatch):
+    """A kill during the zip left an invalid zip under its final name and the rerun refused ("already exists")."""
+    real = shutil.make_archive
+
+    def killed(base_name, *args, **kwargs):
+        Path(base_name + ".zip").write_bytes(b"PK\x03\x04 half a zip")  # what a killed zip writer leaves
+        raise KeyboardInterrupt("killed while zipping")
+
+    monkeypatch.setattr(export_bundle.shutil, "make_archive", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle.export(str(tmp_path), bundle_dir=str(source_bundle))
+    meta = json.loads((source_bundle / "configs" / "metadata.json").read_text())
+    final = [tmp_path / meta["name"], tmp_path / f"{meta['name']}_v{meta['version']}.zip"]
+    assert not any(p.exists() for p in final)
+    monkeypatch.setattr(export_bundle.shutil, "make_archive", real)
+    made = Path(export_bundle.export(str(tmp_path), bundle_dir=str(source_bundle)))  # the rerun completes
+    assert made == final[1] and zipfile.ZipFile(made).testzip() is None and final[0].is_dir()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers

@@ -52,3 +52,18 @@ def test_panel_is_written_on_largest_tumour_slice(tmp_path):
     label[5:6, 5:6, 2] = 1
     z = save_panel(tmp_path / "fig.png", vol, vol, vol, confidence=vol, label=label, title="s")
     assert z == 7 and (tmp_path / "fig.png").stat().st_size > 1000
+
+
+def test_an_existing_evaluation_is_not_overwritten_and_the_hint_names_the_real_option(tmp_path):
+    """The refusal named --output_dir, but evaluate.json's option is --eval_dir (issue 17, item 15)."""
+    from ignite.engine import Engine
+
+    from custom_components.evaluation import SubjectMetricsWriter
+
+    (tmp_path / "metrics.csv").write_text("subject\n")
+    writer = SubjectMetricsWriter(str(tmp_path), figures=False)
+    engine = Engine(lambda e, b: None)
+    writer.attach(engine)
+    with pytest.raises(FileExistsError, match="--eval_dir"):
+        engine.run([0])
+    assert (tmp_path / "metrics.csv").read_text() == "subject\n"

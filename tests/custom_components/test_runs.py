@@ -35,6 +35,17 @@ def test_run_dirs_never_overwrite_silently(tmp_path, caplog):
     assert not list(ckpt.iterdir())
 
 
+@pytest.mark.parametrize("resume, overwrite", [(True, True), ("true", "true")])
+def test_resume_and_overwrite_together_are_refused(tmp_path, resume, overwrite):
+    """Issue 17, item 15: '--resume true --overwrite true' silently ignored --overwrite."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save({"trainer": {"iteration": 2, "epoch_length": 2}}, ckpt / "checkpoint_epoch=1.pt")
+    with pytest.raises(ValueError, match="not both"):
+        check_run_dirs(ckpt, tmp_path / "model.pt", resume=resume, overwrite=overwrite)
+    assert (ckpt / "checkpoint_epoch=1.pt").exists()
+
+
 def test_unwritable_output_folders_are_named_before_training(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
