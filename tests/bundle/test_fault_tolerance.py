@@ -19,7 +19,7 @@ from custom_components.phantom_dataset import ensure_phantom
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-SMALL = ["--make_phantom", "false", "--adversarial_warmup", "0", "--attention_warmup", "0", "--patch_size", "[32,32]", "--generator_channels", "[8,16,32,64]",
+SMALL = ["--make_phantom", "false", "--variant", "dual_attention", "--adversarial_warmup", "0", "--attention_warmup", "0", "--patch_size", "[32,32]", "--generator_channels", "[8,16,32,64]",
          "--local_channels", "[8,8,16,16]", "--batch_size", "1", "--samples_per_volume", "2", "--log_every", "1",
          "--lr_schedule", "constant"]
 
@@ -155,7 +155,7 @@ def test_resume_keeps_best_model_last_n_checkpoints_and_checks_options(phantom, 
     assert [h["options"]["lr_g"] for h in history] == [0.001, 1e-9]
 
 
-KILL_ARGS = ["--make_phantom", "false", "--adversarial_warmup", "0", "--attention_warmup", "0", "--patch_size", "[32,16]", "--generator_channels", "[4,8,8,8]",
+KILL_ARGS = ["--make_phantom", "false", "--variant", "dual_attention", "--adversarial_warmup", "0", "--attention_warmup", "0", "--patch_size", "[32,16]", "--generator_channels", "[4,8,8,8]",
              "--local_channels", "[4,4,4,4]", "--batch_size", "1", "--samples_per_volume", "1", "--log_every", "1",
              "--val_interval", "1", "--cache_rate", "1.0", "--lr_schedule", "constant"]
 
@@ -220,7 +220,7 @@ def test_random_sigkills_lose_nothing(tmp_path_factory, tmp_path):
     parser = ConfigParser()
     parser.read_config(str(ROOT / "bundle" / "configs" / "train.json"))
     parser.update({"bundle_root": str(tmp_path), "model_dir": str(models), "dataset_dir": str(data),
-                   "make_phantom": False, "adversarial_warmup": 0, "attention_warmup": 0, "patch_size": [32, 16], "generator_channels": [4, 8, 8, 8],
+                   "make_phantom": False, "variant": "dual_attention", "adversarial_warmup": 0, "attention_warmup": 0, "patch_size": [32, 16], "generator_channels": [4, 8, 8, 8],
                    "local_channels": [4, 4, 4, 4], "validate#handlers": [], "device": "cpu"})
     net = parser.get_parsed_content("network")
     net.load_state_dict(torch.load(models / "model.pt", weights_only=True))

@@ -32,7 +32,7 @@ def phantom(tmp_path_factory):
 def _train(phantom: Path, root: Path, tracking: str, *overrides: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "bundle/configs/train.json",
            "--meta_file", "bundle/configs/metadata.json", "--logging_file", "bundle/configs/logging.conf",
-           "--tracking", tracking, "--bundle_root", str(root), "--dataset_dir", str(phantom), "--make_phantom", "false", "--adversarial_warmup", "0", "--attention_warmup", "0",
+           "--tracking", tracking, "--bundle_root", str(root), "--dataset_dir", str(phantom), "--make_phantom", "false", "--variant", "dual_attention", "--adversarial_warmup", "0", "--attention_warmup", "0",
            "--epochs", str(EPOCHS), "--val_interval", "1", "--patch_size", "[32,32]",
            "--generator_channels", "[8,16,32,64]", "--batch_size", "1", "--samples_per_volume", "2", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)

@@ -15,6 +15,7 @@ from custom_components.phantom_dataset import ensure_phantom
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 EPOCH_LENGTH = 2  # 2 training subjects, batch_size 1
+DEFAULT_VARIANT = json.loads((ROOT / "bundle" / "configs" / "train.json").read_text())["variant"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def _run(phantom, bundle_root, *overrides, check=True):
            "--config_file", "bundle/configs/train.json", "--meta_file", "bundle/configs/metadata.json",
            "--logging_file", "bundle/configs/logging.conf",
            "--bundle_root", str(bundle_root), "--model_dir", str(bundle_root / "models"),
-           "--dataset_dir", str(phantom), "--make_phantom", "false", "--adversarial_warmup", "0", "--attention_warmup", "0",
+           "--dataset_dir", str(phantom), "--make_phantom", "false", "--variant", "dual_attention", "--adversarial_warmup", "0", "--attention_warmup", "0",
            "--patch_size", "[32,32]", "--generator_channels", "[8,16,32,64]", "--batch_size", "1",
            "--samples_per_volume", "2", "--val_interval", "1", "--log_every", "1", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -89,7 +90,7 @@ def test_default_paths_short_run_saves_its_model_and_evaluate_finds_it(phantom, 
                             "--samples_per_volume", "2", "--val_interval", "1"],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stderr[-3000:]
-    run = tmp_path / "runs" / "dual_attention"
+    run = tmp_path / "runs" / DEFAULT_VARIANT
     assert "val_psnr" in train.stdout + train.stderr and (run / "models" / "model.pt").is_file()
     evaluate = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file",
                                "['bundle/configs/train.json','bundle/configs/evaluate.json']", *small,
@@ -105,7 +106,7 @@ def _run_default_schedule(phantom, bundle_root, *overrides):
            "--logging_file", "bundle/configs/logging.conf", "--bundle_root", str(bundle_root),
            "--dataset_dir", str(phantom), "--make_phantom", "false", "--patch_size", "[32,32]",
            "--generator_channels", "[8,16,32,64]", "--local_channels", "[4,4,8,8]", "--samples_per_volume", "2",
-           "--log_every", "1", *overrides]
+           "--log_every", "1", "--variant", "dual_attention", *overrides]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
