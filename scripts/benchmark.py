@@ -295,7 +295,8 @@ def _data_wait(overrides: dict[str, Any], epochs: int) -> dict[str, float]:
     """Share of step time waiting for data: real cached pipeline, default loader, ``dual_attention``."""
     from ignite.handlers import BasicTimeProfiler
 
-    p = _parser({**overrides, "variant": "dual_attention", "epochs": epochs, "train#trainer#train_handlers": []})
+    p = _parser({**overrides, "variant": "dual_attention", "epochs": epochs, "train#trainer#train_handlers": [],
+                 "train#trainer#adversarial_warmup": 0, "train#trainer#attention_warmup": 0})
     trainer = p.get_parsed_content("train#trainer")
     profiler = BasicTimeProfiler()
     profiler.attach(trainer)
