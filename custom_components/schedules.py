@@ -68,9 +68,10 @@ class DelayedValidationHandler:
 
     With an adversarial warm-up, the generator of the warm-up is a plain UNet: validating (and saving the best
     model) only afterwards makes sure ``model.pt`` comes from the adversarial phase of the method being trained.
-    The delay is dropped (validation from the first interval) when there is no adversarial phase to wait for: a
-    run that ends at or before ``start_iteration`` (e.g. ``--epochs 100`` with the default warm-up), and a trainer
-    without discriminators (``variant: unet``). Otherwise such a run would never validate and never save a model.
+    The bundle sets ``start_iteration`` from :class:`PhaseSchedule` (``selection_begins_after``: 0 for ``unet``, the
+    attention start for the variants with attention, ``error_weighted`` included, which has no discriminator), and
+    the schedule refuses a run in which no validation would come after it. Used on its own, a run that ends at or
+    before ``start_iteration`` validates from the first interval, so that it still saves a model.
 
     Args:
         validator: the evaluator (e.g. MONAI ``SupervisedEvaluator``).
@@ -89,10 +90,9 @@ class DelayedValidationHandler:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def effective_start(self, engine: Engine) -> int:
-        """``start_iteration``, or 0 when the run has no adversarial phase after it (see the class docstring)."""
+        """``start_iteration``, or 0 when the run ends before it (see the class docstring)."""
         total = (engine.state.max_epochs or 0) * (engine.state.epoch_length or 0)
-        no_discriminator = all(getattr(engine, n, object()) is None for n in ("global_critic", "local_discriminator"))
-        return 0 if total <= self.start_iteration or no_discriminator else self.start_iteration
+        return 0 if total <= self.start_iteration else self.start_iteration
 
     def __call__(self, engine: Engine) -> None:
         if engine.state.epoch % self.interval == 0 and engine.state.iteration > self.effective_start(engine):

@@ -77,9 +77,12 @@ def test_a_run_that_ends_within_the_warmup_still_validates():
     assert _validated_epochs(9, 8) == [4, 6, 8]  # longer than the warm-up: delayed as before
 
 
-def test_a_trainer_without_discriminators_is_not_delayed():
-    assert _validated_epochs(9, 8, global_critic=None, local_discriminator=None) == [2, 4, 6, 8]
+def test_the_delay_does_not_depend_on_the_networks():
+    """error_weighted has no discriminator but an attention phase: its candidates before the attention starts were
+    eligible (the delay was dropped for every trainer without discriminators). The schedule decides the start."""
+    assert _validated_epochs(9, 8, global_critic=None, local_discriminator=None) == [4, 6, 8]
     assert _validated_epochs(9, 8, global_critic=None, local_discriminator=object()) == [4, 6, 8]
+    assert _validated_epochs(0, 8, global_critic=None, local_discriminator=None) == [2, 4, 6, 8]  # unet: start 0
 
 
 # --------------------------------------------------------------------------- PhaseSchedule: phases follow the data
