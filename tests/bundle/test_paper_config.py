@@ -46,7 +46,11 @@ def test_paper_overlay_builds_the_paper_literal_trainer(phantom, tmp_path):
 
 
 def test_default_config_differs_from_the_paper_where_documented(phantom, tmp_path):
-    trainer = _parser(phantom, tmp_path, "train.json").get_parsed_content("train#trainer")
+    defaults = _parser(phantom, tmp_path, "train.json")
+    assert defaults["variant"] == "error_weighted"  # the shipped default; the paper's method is one option away
+    assert _parser(phantom, tmp_path, "train.json", "paper.json")["variant"] == "dual_attention"
+    defaults.update({"variant": "dual_attention"})
+    trainer = defaults.get_parsed_content("train#trainer")
     assert trainer.n_critic == 1 and trainer.fresh_batches == "none"
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in trainer.global_critic.modules())
 
