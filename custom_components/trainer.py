@@ -628,13 +628,8 @@ class DualAttentionTrainer(Trainer):
         if adversarial and engine.local_discriminator is not None:
             out.update(engine.local_step(source, target, fake))
         if engine.error_predictor is not None:  # trained from the first iteration: it only needs G's current error
-            if fake is None:
-                with torch.no_grad():
-                    fake = engine._synthesise(source, grad=False)
-                out.update(engine.error_step(source, target, fake))
-                fake = None
-            else:
-                out.update(engine.error_step(source, target, fake))
+            judged = fake if fake is not None else engine._synthesise(source, grad=False)
+            out.update(engine.error_step(source, target, judged))
         if fresh_g and uses_d:
             source, target = engine.next_batch()
             fake = None
