@@ -26,7 +26,7 @@ __all__ = ["WORKFLOW_CONFIGS", "bundle_root", "config_files", "default_data_dir"
 WORKFLOW_CONFIGS = {
     "train": ("train.json",),
     "evaluate": ("train.json", "evaluate.json"),
-    "infer": ("train.json", "inference.json"),
+    "infer": ("inference.json",),
 }
 
 _PACKAGE_PARENT = Path(__file__).resolve().parent.parent

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = ROOT.parent / "shared" / "monai-schema" / "meta_schema_20240725.json"
 REQUIRED_FILES = ["configs/metadata.json", "configs/train.json", "configs/inference.json", "models/model.pt",
                   "docs/README.md", "LICENSE"]
-INFERENCE_CONFIGS = "['configs/train.json','configs/inference.json']"  # --config_file of the release's inference
+INFERENCE_CONFIGS = "configs/inference.json"  # --config_file of the release's inference: the one file, as the zoo runs it
 TINY_PHANTOM = {"task": "t1t2", "n_train": 1, "n_val": 1, "n_test": 1, "shape": [32, 32, 32], "seed": 2}
 
 _spec = importlib.util.spec_from_file_location("export_bundle", ROOT / "scripts" / "export_bundle.py")
@@ -158,7 +158,7 @@ def test_properties_complete_and_bundle_root_follows_the_configs(where, release,
     assert train.check_properties() == []
     assert Path(train.bundle_root) == folder.resolve()
     assert Path(train.parser.get_parsed_content("model_dir")) == tmp_path / "run" / "models"
-    infer = ConfigWorkflow(config_file=[f"{configs}/train.json", f"{configs}/inference.json"],
+    infer = ConfigWorkflow(config_file=f"{configs}/inference.json",
                            meta_file=f"{configs}/metadata.json",
                            logging_file=False, workflow_type="infer", dataset_dir=str(data),
                            output_dir=str(tmp_path / "out"))
@@ -215,7 +215,8 @@ def test_unzipped_release_runs_inference_without_the_repository(release, tmp_pat
     assert subprocess.run([sys.executable, "-S", "-c", "import custom_components"], cwd=tmp_path, env=env,
                           capture_output=True).returncode != 0  # not importable from anywhere else
     proc = subprocess.run([sys.executable, "-S", "-m", "monai.bundle", "run", "inferring", "--config_file",
-                           INFERENCE_CONFIGS], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+                           INFERENCE_CONFIGS, "--input", "data/phantom_t1t2/datalist.json"], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     outputs = folder / "inference"
     summary = json.loads((outputs / "inference_summary.json").read_text())
