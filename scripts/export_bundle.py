@@ -7,8 +7,7 @@ Two commands:
 pip install) and ``<output_dir>/<name>_v<version>.zip``, the file name ``monai.bundle download`` expects::
 
     python scripts/export_bundle.py export --output_dir release
-    cd release/dual_attention_synthesis && python -m monai.bundle run inferring \
-        --config_file "['configs/train.json','configs/inference.json']"
+    cd release/dual_attention_synthesis && python -m monai.bundle run --config_file configs/inference.json
 
 ``promote``: copy a run's best weights (``<run_dir>/models/model.pt`` and ``local_discriminator.pt``) into
 ``bundle/models/`` and record the run's validation metrics at the best epoch as ``eval_metrics`` in
@@ -52,7 +51,7 @@ def _read_metadata(bundle_dir: Path) -> dict:
 
 def check_weights(bundle_dir: str | Path, models_dir: str | Path | None = None) -> list[Path]:
     """Load the weight files of ``models_dir`` (default ``<bundle_dir>/models``) into the networks of the inference
-    config (train.json with inference.json over it).
+    config (``configs/inference.json``, which runs alone).
 
     ``model.pt`` is required and must match ``network_def``; ``local_discriminator.pt`` and ``error_head.pt`` are
     optional and must match ``local_discriminator`` and ``error_predictor``. Returns the files checked; raises naming the file and what did not match.
@@ -163,14 +162,48 @@ def export(output_dir: str = "release", bundle_dir: str = str(ROOT / "bundle"), 
     return str(archive)
 
 
-def best_epoch_metrics(run_dir: str | Path, key_metric: str = "val_psnr") -> dict[str, float]:
-    """Validation metrics of the epoch with the best ``key_metric``, read from the run's TensorBoard event files."""
+RUN_RECORD = "checkpoints/run_config.json"  # written by custom_components.checkpointing.record_run, one entry per run
+
+
+def current_run(run_dir: str | Path) -> dict | None:
+    """The current run of ``run_dir`` from its record (``checkpoints/run_config.json``): ``{"started": <unix time>,
+    "options": {...}}`` of the latest run started afresh (resumes continue it), or ``None`` without a record."""
+    import datetime
+
+    record = Path(run_dir) / RUN_RECORD
+    if not record.is_file():
+        return None
+    history = json.loads(record.read_text())
+    fresh = [h for h in history if "resumed_from" not in h] or history[:1]
+    if not fresh:
+        return None
+    started = datetime.datetime.fromisoformat(fresh[-1]["started"]).timestamp()
+    return {"started": started, "options": fresh[-1].get("options", {}), "record": str(record)}
+
+
+def _event_time(file: Path) -> float:
+    """Creation time of a TensorBoard event file, from its name (``events.out.tfevents.<unix time>.<host>...``)."""
+    parts = file.name.split(".")
+    return float(parts[3]) if len(parts) > 3 and parts[3].isdigit() else file.stat().st_mtime
+
+
+def best_epoch_metrics(run_dir: str | Path, key_metric: str = "val_psnr", since: float | None = None) -> dict[str, float]:
+    """Validation metrics of the epoch with the best ``key_metric``, read from the run's TensorBoard event files
+    (only those created at or after ``since``, a unix time: the current run's, see :func:`current_run`)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = Path(run_dir)
     events = sorted(run_dir.glob("events.out.tfevents.*"))
     if not events:
         raise FileNotFoundError(f"{run_dir} holds no TensorBoard event file (events.out.tfevents.*) to read metrics from.")
+    if since is not None:
+        older = [f for f in events if _event_time(f) < int(since)]
+        events = [f for f in events if f not in older]
+        for f in older:
+            print(f"ignoring {f}: written before the current run started")
+        if not events:
+            raise FileNotFoundError(f"{run_dir} holds no TensorBoard event file of the current run (every one of them "
+                                    "predates its start in " + RUN_RECORD + ").")
     scalars: dict[str, dict[int, float]] = {}
     for file in events:
         acc = EventAccumulator(str(file), size_guidance={"scalars": 0})
@@ -189,14 +222,29 @@ def best_epoch_metrics(run_dir: str | Path, key_metric: str = "val_psnr") -> dic
 def promote(run_dir: str, bundle_dir: str = str(ROOT / "bundle"), overwrite: bool = False) -> dict:
     """Copy ``<run_dir>/models/*.pt`` to ``<bundle_dir>/models/`` and write the run's best-epoch metrics to metadata.
 
+    Only the current run is read: the latest run started afresh in the run record (``checkpoints/run_config.json``,
+    resumes continue it). A weight file older than that start is left over from an earlier run into the same
+    folder and stops the promotion, naming it; event files older than it are ignored. A run folder without a
+    record (an old run) is read whole, with a warning.
+
     Args:
-        run_dir: a training run's ``output_dir`` (holds ``models/`` and the TensorBoard event files).
+        run_dir: a training run's ``output_dir`` (holds ``models/``, ``checkpoints/`` and the TensorBoard event files).
         bundle_dir: the bundle whose shipped weights are replaced.
         overwrite: replace weights already in ``<bundle_dir>/models``.
     """
     run, bundle = Path(run_dir).resolve(), Path(bundle_dir).resolve()
     sources = check_weights(bundle, run / "models")
-    metrics = best_epoch_metrics(run)
+    this_run = current_run(run)
+    if this_run is None:
+        print(f"warning: {run / RUN_RECORD} does not exist: every weight and event file in {run} is taken as this run's")
+    else:
+        stale = [f for f in sources if f.stat().st_mtime < this_run["started"] - 1]
+        if stale:
+            raise ValueError(
+                f"{', '.join(map(str, stale))}: written before the current run of {run} started (recorded in "
+                f"{this_run['record']}), so left by an earlier run into the same folder; delete "
+                f"{'it' if len(stale) == 1 else 'them'}, or train again with --overwrite true (which clears them).")
+    metrics = best_epoch_metrics(run, since=None if this_run is None else this_run["started"])
     targets = [bundle / "models" / f.name for f in sources]
     stale = [bundle / "models" / n for n in WEIGHT_FILES if (bundle / "models" / n).exists()]
     if stale and not overwrite:
