@@ -1,4 +1,4 @@
-"""`run inferring` with inference.json (over train.json), TorchScript export, and verify_net_in_out (bundle CLI in
+"""`run inferring` with inference.json (which runs alone), TorchScript export, and verify_net_in_out (bundle CLI in
 subprocesses)."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from monai.bundle import ConfigParser
 from custom_components.paths import config_files
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = config_files(ROOT / "bundle", "infer")  # train.json, then inference.json over it
-CONFIG = str(CONFIGS)  # as --config_file takes them: "['.../train.json', '.../inference.json']"
+CONFIGS = config_files(ROOT / "bundle", "infer")  # [.../inference.json]: it runs alone
+CONFIG = str(CONFIGS)  # as --config_file takes a list: "['.../inference.json']"
 META = ROOT / "bundle" / "configs" / "metadata.json"
 SMALL = ["--generator_channels", "[4,8,16,16]", "--local_channels", "[4,4,8,8]", "--patch_size", "[32,32]"]
 
@@ -59,9 +59,16 @@ def test_odd_sized_volume_keeps_shape_affine_and_gives_confidence(models, tmp_pa
     inp = tmp_path / "in" / "case01"
     inp.mkdir(parents=True)
     data, affine = _volume(inp / "t1.nii.gz")
+    (tmp_path / "in" / "case02").mkdir()  # one slice (issue 17, item 10): written as 2D, third spacing lost
+    one, one_affine = _volume(tmp_path / "in" / "case02" / "t1.nii.gz", shape=(40, 36, 1))
     out = tmp_path / "out"
     _bundle("run", "inferring", "--config_file", CONFIG, "--input", tmp_path / "in", "--model_dir", models,
             "--output_dir", out, *SMALL)
+    for postfix in ("synthetic", "confidence"):
+        written = nib.load(out / "case02" / f"t1_{postfix}.nii.gz")
+        assert written.shape == one.shape
+        np.testing.assert_allclose(written.affine, one_affine, atol=1e-5)
+        np.testing.assert_allclose(written.header.get_zooms(), (1.1, 0.9, 2.5), atol=1e-5)
     syn = nib.load(out / "case01" / "t1_synthetic.nii.gz")
     conf = nib.load(out / "case01" / "t1_confidence.nii.gz")
     assert syn.shape == data.shape and conf.shape == data.shape
@@ -70,7 +77,7 @@ def test_odd_sized_volume_keeps_shape_affine_and_gives_confidence(models, tmp_pa
     c = conf.get_fdata()
     assert c.min() >= 0 and c.max() <= 1 and np.isfinite(c).all()
     summary = json.loads((out / "inference_summary.json").read_text())
-    assert summary["failed"] == [] and len(summary["synthesised"]) == 1
+    assert summary["failed"] == [] and len(summary["synthesised"]) == 2
 
 
 def test_ct_output_is_in_hounsfield_units_and_round_trips(tmp_path):
