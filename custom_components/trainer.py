@@ -15,7 +15,7 @@ from monai.engines.utils import default_prepare_batch
 from monai.utils import StrEnum
 from monai.utils.enums import CommonKeys
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from .losses import (
     AttentionNorm,
@@ -179,22 +179,42 @@ class DualAttentionKeys(StrEnum):
     CONFIDENCE = "confidence"  # M
 
 
+#: seed offset of the sampler of :meth:`DualAttentionTrainer.next_batch` under DDP (any fixed number != 0)
+_EXTRA_SEED_OFFSET = 7919
+
+
 def _unwrap(net: torch.nn.Module | None) -> torch.nn.Module | None:
     """The module inside a ``DistributedDataParallel``/``DataParallel`` wrapper (or ``net`` itself)."""
     return getattr(net, "module", net) if net is not None else None
 
 
+def _has_batch_norm(net: torch.nn.Module | None) -> bool:
+    return net is not None and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
 @contextmanager
 def _frozen(*nets: torch.nn.Module | None):
-    """Disable gradients of ``nets`` parameters (discriminators during G's update), restoring them afterwards."""
+    """Freeze ``nets`` (the discriminators during G's update): no parameter gradients, and no change to their
+    buffers, so a batch-norm layer's running statistics are not updated from G's fake-only batch. Both are restored
+    afterwards; the networks stay in training mode (batch statistics in the forward pass, as the paper's D1 uses)."""
     params = [p for n in nets if n is not None for p in n.parameters() if p.requires_grad]
+    norms = [m for n in nets if n is not None for m in n.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    # momentum 0 keeps the running statistics (they are updated in place during the forward pass and saved for its
+    # backward, so they cannot be restored before G's backward); the step counter is restored
+    saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in norms]
     for prm in params:
         prm.requires_grad_(False)
+    for m in norms:
+        m.momentum = 0.0
     try:
         yield
     finally:
         for prm in params:
             prm.requires_grad_(True)
+        for m, momentum, tracked in saved:
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 class DualAttentionTrainer(Trainer):
@@ -205,7 +225,8 @@ class DualAttentionTrainer(Trainer):
     1. G(X) is computed once; its detached copy is used by the discriminator updates.
     2. :meth:`critic_step` (D1, if used): ``n_critic`` WGAN-GP updates,
        L_D1 = E[D1(G(X))] - E[D1(Y)] + GP (Eq. 2). Real, fake and interpolated images pass through the critic as
-       one batch (exact for a critic without batch norm, the default).
+       one batch when it has no batch norm (the default), else as three batches, so that batch statistics are never
+       shared between real and fake images.
     3. :meth:`local_step` (D2, if used): one update of the dense BCE loss L_D2 = BCE(D2(Y), 1) + BCE(D2(G(X)), 0)
        (Eq. 4).
     4. :meth:`generator_step`: L_G = L_AttG + lambda_1 L_ADV1 + lambda_2 L_ADV2 (Eq. 7) with the discriminators
@@ -214,7 +235,9 @@ class DualAttentionTrainer(Trainer):
 
     With ``fresh_batches="generator"`` (the paper's wording: G is updated "using another mini-batch") step 4 draws
     another batch from the loader and computes a fresh G(X); with ``"all"`` every critic update after the first
-    does too. Such draws come from a second iterator over the same loader and do not count as iterations.
+    does too. Such draws come from a second iterator over the same loader (under DDP, over a second
+    ``DistributedSampler`` with another seed, so that they are not the same subjects as the iteration's own batch)
+    and do not count as iterations.
 
     Options beyond the paper (all off by default in this class; the bundle's ``train.json`` chooses its own):
     ``local_conditional`` lets D2 see the source beside the image (a pix2pix-style pair, so a plausible but wrong
@@ -407,6 +430,19 @@ class DualAttentionTrainer(Trainer):
             optimizer = optimizer(net.parameters())
         return net, optimizer
 
+    def state_dict(self) -> dict[str, Any]:
+        """ignite's engine state plus the critic-step counter that decides when the lazy penalty is computed."""
+        return {**super().state_dict(), "critic_steps": self.critic_steps}
+
+    def load_state_dict(self, state_dict: Any) -> None:
+        state = dict(state_dict)
+        critic_steps = state.pop("critic_steps", None)
+        super().load_state_dict(state)
+        if critic_steps is None:  # a checkpoint from before the counter was saved: n_critic per adversarial iteration
+            done = max(0, int(state.get("iteration") or 0) - self.adversarial_warmup)
+            critic_steps = done * self.n_critic if self.global_critic is not None else 0
+        self.critic_steps = int(critic_steps)
+
     def checkpoint_dict(self) -> dict[str, Any]:
         """Everything needed to resume: the networks and optimizers this variant uses, and the engine state."""
         objects = {
@@ -456,14 +492,33 @@ class DualAttentionTrainer(Trainer):
                     f"stopped. {_updated_note(self)}"
                 )
 
+    def _extra_loader(self) -> Iterable:
+        """The loader of :meth:`next_batch`: the training loader, or, when it draws from a ``DistributedSampler``
+        (whose permutation is fixed by seed and epoch, so a second iterator would repeat the iteration's own
+        batches), a copy of it over a sampler with another seed."""
+        loader = self.data_loader
+        sampler = getattr(loader, "sampler", None)
+        if not isinstance(loader, DataLoader) or not isinstance(sampler, DistributedSampler):
+            return loader
+        other = DistributedSampler(sampler.dataset, num_replicas=sampler.num_replicas, rank=sampler.rank,
+                                   shuffle=sampler.shuffle, seed=sampler.seed + _EXTRA_SEED_OFFSET,
+                                   drop_last=sampler.drop_last)
+        other.set_epoch(sampler.epoch)
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=other, num_workers=loader.num_workers,
+                          collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last)
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(source, target) of another mini-batch, from a second iterator over the training loader."""
+        """(source, target) of another mini-batch, from a second iterator over the training data."""
         if self._extra_batches is None:
-            self._extra_batches = iter(self.data_loader)
+            self._extra_loader_ = self._extra_loader()
+            self._extra_batches = iter(self._extra_loader_)
         try:
             batchdata = next(self._extra_batches)
         except StopIteration:
-            self._extra_batches = iter(self.data_loader)
+            sampler = getattr(self._extra_loader_, "sampler", None)
+            if isinstance(sampler, DistributedSampler):
+                sampler.set_epoch(sampler.epoch + 1)
+            self._extra_batches = iter(self._extra_loader_)
             batchdata = next(self._extra_batches)
         batch = self.prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs)
         return batch[0], batch[1]
@@ -491,8 +546,11 @@ class DualAttentionTrainer(Trainer):
             self.global_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
             interp = self.gradient_penalty.interpolate(target, fake) if with_gp else None
             inputs = [target, fake] + ([interp] if with_gp else [])
-            with self._autocast():  # real, fake (and interpolated) images scored in one forward pass
-                scores = critic(torch.cat(inputs)).float().split(n)
+            with self._autocast():  # real, fake (and interpolated) images: one forward pass unless batch norm
+                if _has_batch_norm(critic):
+                    scores = [critic(x).float() for x in inputs]
+                else:
+                    scores = critic(torch.cat(inputs)).float().split(n)
             real_score, fake_score = scores[0], scores[1]
             loss_critic = fake_score.mean() - real_score.mean()
             if with_gp:

@@ -573,3 +573,71 @@ def test_error_head_trains_in_every_iteration_and_feeds_the_predicted_attention(
     assert trainer.state.output[DualAttentionKeys.ATTENTION_MEAN] != 1.0
     with pytest.raises(ValueError, match="predicted"):
         _make("dual_attention", attention_source="predicted")  # no head
+
+
+# --- issue 20, trainer correctness: batch-norm critic, the penalty counter at resume, extra batches under DDP ------
+
+
+def _bn_critic(spatial_dims=2):
+    torch.manual_seed(1)
+    return GlobalCritic(spatial_dims, channels=(4, 8, 8, 8), fc_features=(8, 4, 1), norm="batch")
+
+
+def test_generator_step_leaves_the_batch_norm_statistics_of_a_frozen_critic_unchanged():
+    """paper.json trains D1 with batch norm: G's step must not move D1's running statistics with fake-only batches."""
+    trainer, g, _, d2 = _make("dual")
+    trainer.global_critic = _bn_critic()
+    source, target = _fixed_batch()
+    before = copy.deepcopy(trainer.global_critic.state_dict())
+    trainer.state.iteration = 1
+    trainer.generator_step(source, target)
+    assert not _changed(trainer.global_critic, before)
+    assert trainer.global_critic.training  # still in training mode: batch statistics in the forward pass
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_a_batch_norm_critic_scores_real_fake_and_interpolated_images_as_separate_batches(batch_norm):
+    trainer, g, d1, _ = _make("global", n_critic=1, gp_interval=1)
+    if batch_norm:
+        trainer.global_critic = d1 = _bn_critic()
+        trainer.global_optimizer = torch.optim.Adam(d1.parameters(), lr=1e-3)
+    sizes = []
+    d1.register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[0]))
+    source, target = _fixed_batch()
+    out = trainer.critic_step(source, target, g(source).detach())
+    n = target.shape[0]
+    assert DualAttentionKeys.GP in out
+    assert sizes == ([n, n, n] if batch_norm else [3 * n])
+
+
+def test_the_lazy_penalty_counter_is_resumed_with_the_engine_state():
+    """A resumed run continued its penalty phase from 0: with gp_interval 2 the penalty moved by one critic step."""
+    first, *_ = _make("global", n_critic=1, gp_interval=2, epoch_length=3)
+    first.run()
+    assert first.critic_steps == 3
+    state = first.state_dict()
+    resumed, g, *_ = _make("global", n_critic=1, gp_interval=2, epoch_length=3, max_epochs=2)
+    resumed.load_state_dict(state)
+    assert resumed.critic_steps == 3
+    source, target = _fixed_batch()
+    assert DualAttentionKeys.GP in resumed.critic_step(source, target, g(source).detach())  # step 4: penalty due
+    old_format = {k: v for k, v in state.items() if k != "critic_steps"}  # checkpoints written before the fix
+    again, *_ = _make("global", n_critic=1, gp_interval=2, epoch_length=3, max_epochs=2)
+    again.load_state_dict(old_format)
+    assert again.critic_steps == 3  # n_critic per adversarial iteration, derived from the iteration count
+
+
+def test_extra_batches_under_a_distributed_sampler_are_not_the_iterations_own():
+    """A second iterator over the same DistributedSampler repeats its permutation: G's 'other' mini-batch was the
+    very batch D had just seen."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    items = [{"image": torch.full((1, 8, 8), float(i)), "label": torch.full((1, 8, 8), float(i))} for i in range(16)]
+    sampler = DistributedSampler(items, num_replicas=1, rank=0, shuffle=True, seed=0)
+    loader = DataLoader(items, batch_size=2, sampler=sampler)
+    trainer, *_ = _make("dual", fresh_batches="generator")
+    trainer.data_loader = loader
+    own = [batch["image"][:, 0, 0, 0].tolist() for batch in loader]
+    extra = [trainer.next_batch()[0][:, 0, 0, 0].tolist() for _ in own]
+    assert sorted(sum(extra, [])) == list(range(16))  # still every subject once per pass
+    assert sum(a == b for a, b in zip(own, extra)) < len(own) // 2
