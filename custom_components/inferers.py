@@ -2,9 +2,10 @@
 
 A 2D UNet is fully convolutional, so it can take a whole slice at once: :class:`WholeSliceInferer` feeds every
 slice of a volume to the network in batches of ``sw_batch_size`` slices, padding each slice to a multiple of the
-network's total stride and cropping the output back. There is no overlap work and no seam. MONAI's
-``SliceInferer`` (a ``SlidingWindowInferer`` over slices) does the slicing, batching and reassembly; this module only
-adds the padding, which MONAI's inferers do not do (they pad only up to the window size).
+network's total stride and cropping the output back. There is no overlap work and no seam. It gathers the slices
+itself, with one axis move and one copy, and puts the outputs back the same way: MONAI's ``SliceInferer`` (a
+``SlidingWindowInferer`` over slices) gathers window by window into an accumulation buffer with a count map, which
+has nothing to blend when the window is the whole slice, and does not pad beyond the window size.
 
 :func:`slice_inferer` builds either this inferer or MONAI's overlapping-window ``SliceInferer`` from one config
 switch, so sliding windows stay selectable for memory-bound cases.
