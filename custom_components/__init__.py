@@ -37,9 +37,9 @@ __version__ = "0.2.0"
 # ``$custom_components.tracking.with_tracking(...)`` works under any config overlay, whatever its ``imports`` list holds
 # (an overlay's list replaces train.json's), without importing optional dependencies up front.
 _SUBMODULES = frozenset({
-    "checkpointing", "data", "distributed", "errors", "evaluation", "handlers", "inference", "inferers", "label_task",
-    "layouts", "losses", "metrics", "networks", "options", "paths", "phantom", "phantom_dataset", "prepare",
-    "preprocess", "readers", "runs", "schedules", "tracking", "trainer", "transforms", "weights",
+    "caching", "checkpointing", "data", "distributed", "errors", "evaluation", "handlers", "inference", "inferers",
+    "label_task", "layouts", "losses", "metrics", "networks", "options", "paths", "phantom", "phantom_dataset",
+    "prepare", "preprocess", "readers", "runs", "schedules", "tracking", "trainer", "transforms", "weights",
 })
 
 

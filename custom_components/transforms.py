@@ -20,8 +20,8 @@ from monai.data import get_track_meta, set_track_meta
 from monai.transforms import Compose, InvertibleTransform, MapTransform, RandWeightedCropd
 from monai.utils import TraceKeys, fall_back_tuple
 
-__all__ = ["InvertibleIntensityWindowd", "SamplingWeightd", "SamplingTabled", "RandTableWeightedCropd", "UntrackedCompose",
-           "VolumeWriter"]
+__all__ = ["InvertibleIntensityWindowd", "SamplingWeightd", "SamplingTabled", "CropToSamplingRegiond",
+           "RandTableWeightedCropd", "UntrackedCompose", "VolumeWriter"]
 
 
 class InvertibleIntensityWindowd(MapTransform, InvertibleTransform):
@@ -148,20 +148,24 @@ class SamplingTabled(MapTransform):
 
     MONAI's ``RandWeightedCropd`` computes the cumulative sum of the whole weight map on every draw; on a BraTS-size
     volume (9 million voxels) that, and copying the map, is most of the loader's work. This transform stores the
-    flat indices of the voxels with a positive weight inside the valid centre region and the cumulative sum of their
-    weights, so :class:`RandTableWeightedCropd` draws centres by a binary search only.
+    flat indices (int32) of the voxels with a positive weight inside the valid centre region and, unless all those
+    weights are equal, the cumulative sum of their weights (float64), so :class:`RandTableWeightedCropd` draws
+    centres by a binary search only; with equal weights (centres uniform inside the mask, the default) no sum is
+    stored and the draw is the same as MONAI's from the same random state.
 
     Args:
         w_key: the weight map (channel-first, one channel), e.g. from :class:`SamplingWeightd`.
         spatial_size: patch size of the crop that will use the table (the valid centre region depends on it).
         table_key: key of the table.
+        keep_weight: keep the weight map in the data. Without it (``False``) the table alone is the sampling
+            distribution and the map's memory is freed; ``ErrorWeightedSampling`` (``hard_sampling``) needs the map.
     """
 
     def __init__(self, w_key: str = "sampling_weight", spatial_size: Sequence[int] | int = 96,
-                 table_key: str = "sampling_table") -> None:
+                 table_key: str = "sampling_table", keep_weight: bool = True) -> None:
         super().__init__([w_key], allow_missing_keys=False)
         self.w_key, self.table_key = w_key, table_key
-        self.spatial_size = spatial_size
+        self.spatial_size, self.keep_weight = spatial_size, bool(keep_weight)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -170,16 +174,70 @@ class SamplingTabled(MapTransform):
             raise ValueError(f"{self.w_key!r} must be a channel-first map with one channel, got shape "
                              f"{tuple(weight.shape)}.")
         region, offset = _valid_region(weight.shape[1:], _ensure_size(self.spatial_size, weight.ndim - 1))
-        valid = weight[0][region].reshape(-1).double()
+        valid = weight[0][region].reshape(-1)
         if (valid < 0).any():
             raise ValueError(f"{self.w_key!r} has negative weights (min {float(valid.min())}); weights must be >= 0.")
         index = torch.nonzero(valid > 0).reshape(-1)
+        if valid.numel() >= 2**31:
+            raise ValueError(f"{self.w_key!r} has {valid.numel()} valid centres, more than int32 indices can hold.")
+        values = valid[index]
+        uniform = values.numel() == 0 or bool(values.min() == values.max())
+        if not self.keep_weight:
+            d.pop(self.w_key)
         d[self.table_key] = {
-            "index": index, "cdf": torch.cumsum(valid[index], 0), "n_valid": int(valid.numel()),
-            "valid_shape": tuple(int(s) for s in weight[0][region].shape), "offset": offset,
-            "spatial_size": self.spatial_size, "source": (weight.data_ptr(), tuple(weight.shape)),
+            "index": index.to(torch.int32), "cdf": None if uniform else torch.cumsum(values.double(), 0),
+            "n_valid": int(valid.numel()), "valid_shape": tuple(int(s) for s in weight[0][region].shape),
+            "offset": tuple(int(o) for o in offset), "spatial_size": self.spatial_size,
+            # the map the table was made from (a reference, no copy): a replaced map is detected by identity
+            "weight": d[self.w_key] if self.keep_weight else None,
         }
         return d
+
+
+class CropToSamplingRegiond(MapTransform):
+    """Crop every key to the bounding box of the positive sampling weights plus the half patch around it.
+
+    A patch centred on a voxel of positive weight lies inside this box (MONAI's ``CropForegroundd`` on the weight
+    map with a margin of half the patch, rounded up, clipped to the image), so the voxels outside it, never part of a training
+    patch, are not kept. The cropped volumes are copies: the full-size arrays are freed (a cropped view would keep
+    them). The valid centres of positive weight inside the box are those of the full volume, shifted, in the same
+    order, so :class:`SamplingTabled` + :class:`RandTableWeightedCropd` (or ``RandWeightedCropd``) draw the same
+    patches from the same random state as on the uncropped volume. When no centre of positive weight is valid
+    (e.g. a mask touching only the image border) the volume is left as it is: the draw is then uniform over the
+    whole image, as before.
+
+    Args:
+        keys: keys to crop (same spatial shape as the weight map); the weight map is cropped too.
+        w_key: the weight map, e.g. from :class:`SamplingWeightd`.
+        spatial_size: patch size of the training crop.
+        allow_missing_keys: skip absent keys.
+    """
+
+    def __init__(self, keys: KeysCollection, w_key: str = "sampling_weight", spatial_size: Sequence[int] | int = 96,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.w_key, self.spatial_size = w_key, spatial_size
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from monai.transforms import CropForegroundd
+
+        d = dict(data)
+        weight = d[self.w_key]
+        size = _ensure_size(self.spatial_size, weight.ndim - 1)
+        keys = [k for k in dict.fromkeys([*self.keys, self.w_key]) if k in d or not self.allow_missing_keys]
+        # margin ceil(w / 2): MONAI's valid centres end one voxel short of the last patch that fits
+        crop = CropForegroundd(keys, source_key=self.w_key, margin=[s - s // 2 for s in size], allow_smaller=True,
+                               allow_missing_keys=self.allow_missing_keys)
+        start, end = crop.cropper.compute_bounding_box(torch.as_tensor(weight))
+        if any(int(e) - int(b) < s for b, e, s in zip(start, end, size)):  # no valid centre of positive weight
+            return d
+        if all(int(b) == 0 for b in start) and tuple(int(e) for e in end) == tuple(weight.shape[1:]):
+            return d  # nothing to cut
+        out = crop(d)
+        for key in keys:
+            if key in out:  # copies, so the full-size storage is released
+                out[key] = out[key].clone(memory_format=torch.contiguous_format)
+        return out
 
 
 def _ensure_size(spatial_size: Sequence[int] | int, ndim: int) -> tuple[int, ...]:
@@ -194,8 +252,9 @@ class RandTableWeightedCropd(RandWeightedCropd):
 
     For the same random state it draws exactly the centres ``RandWeightedCropd`` would (the table is the cumulative
     weight sum without its zero-weight entries), without touching the whole weight map. If the table is missing or
-    was not made from the weight map in the data (e.g. ``ErrorWeightedSampling`` replaced the map, or the cache was
-    deep-copied), it falls back to ``RandWeightedCropd``'s own draw, so the sampling is always the weight map's.
+    was not made from the weight map in the data (e.g. ``ErrorWeightedSampling`` replaced the map), it falls back to
+    ``RandWeightedCropd``'s own draw, so the sampling is always the weight map's. Without a weight map in the data
+    (``SamplingTabled(keep_weight=False)``) the table is the distribution.
 
     The weight map and the table are not passed on to the patches (they are whole-volume data that no later step
     uses), which saves copying them once per patch.
@@ -214,30 +273,40 @@ class RandTableWeightedCropd(RandWeightedCropd):
         super().__init__(keys, w_key, spatial_size, num_samples, allow_missing_keys)
         self.table_key = table_key
 
-    def _table_fits(self, weight: torch.Tensor, table: Any) -> bool:
-        return (isinstance(table, dict) and table.get("spatial_size") is not None
-                and _ensure_size(table["spatial_size"], weight.ndim - 1) == _ensure_size(self.cropper.spatial_size,
-                                                                                        weight.ndim - 1)
-                and table.get("source") == (torch.as_tensor(weight).data_ptr(), tuple(weight.shape)))
+    def _table_fits(self, weight: torch.Tensor | None, table: Any, ndim: int) -> bool:
+        if not (isinstance(table, dict) and table.get("spatial_size") is not None
+                and _ensure_size(table["spatial_size"], ndim) == _ensure_size(self.cropper.spatial_size, ndim)):
+            return False
+        return weight is None or table.get("weight") is weight
 
-    def randomize(self, weight_map: torch.Tensor, table: dict | None = None) -> None:  # type: ignore[override]
-        if table is None or not self._table_fits(weight_map, table):
+    def randomize(self, weight_map: torch.Tensor | None, table: dict | None = None,  # type: ignore[override]
+                  ndim: int | None = None) -> None:
+        ndim = (weight_map.ndim - 1) if ndim is None else ndim
+        if table is None or not self._table_fits(weight_map, table, ndim):
+            if weight_map is None:
+                raise ValueError(f"no weight map {self.w_key!r} and no table for patch size "
+                                 f"{self.cropper.spatial_size} ({self.table_key!r}): nothing to sample from.")
             super().randomize(weight_map)
             return
         r_state, n = self.cropper.R, self.cropper.num_samples
-        cdf = table["cdf"]
-        if cdf.numel() == 0 or not float(cdf[-1]) > 0:  # no positive weight: uniform, as MONAI does
+        index, cdf = table["index"], table["cdf"]
+        if index.numel() == 0 or (cdf is not None and not float(cdf[-1]) > 0):  # no positive weight: uniform
             flat = r_state.randint(0, table["n_valid"], size=n)
+        elif cdf is None:  # equal weights: floor(r * n) is the entry searchsorted would find on the sum 1, 2, ...
+            r = np.asarray(r_state.random(n), dtype=np.float64)
+            flat = index.numpy()[np.minimum((r * index.numel()).astype(np.int64), index.numel() - 1)]
         else:
             r = torch.as_tensor(r_state.random(n), dtype=cdf.dtype)
-            flat = table["index"][torch.searchsorted(cdf, r * cdf[-1], right=True).clamp(max=cdf.numel() - 1)].numpy()
-        self.cropper.centers = [np.asarray(np.unravel_index(int(i), table["valid_shape"])) + table["offset"]
+            flat = index[torch.searchsorted(cdf, r * cdf[-1], right=True).clamp(max=cdf.numel() - 1)].numpy()
+        self.cropper.centers = [np.asarray(np.unravel_index(int(i), table["valid_shape"])) + np.asarray(table["offset"])
                                 for i in flat]
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor], lazy: bool | None = None) -> list[dict]:
         d = dict(data)
-        weight, table = d.pop(self.w_key), d.pop(self.table_key, None)
-        self.randomize(weight, table)
+        weight, table = d.pop(self.w_key, None), d.pop(self.table_key, None)
+        ref = next((d[k] for k in self.key_iterator(d)), None)
+        ndim = (weight.ndim if weight is not None else (ref.ndim if ref is not None else 1)) - 1
+        self.randomize(weight, table, ndim)
         n = self.cropper.num_samples
         ret: list[dict] = [dict(d) for _ in range(n)]
         for i in range(n):

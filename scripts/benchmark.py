@@ -291,6 +291,56 @@ def _inference(overrides: dict[str, Any], repeats: int) -> dict[str, Any]:
     return res
 
 
+#: subjects of the paper's training set and of BraTS 2021, for the projection of the cache memory
+PROJECT_SUBJECTS = (200, 1251)
+
+
+def _rss_mb() -> float:
+    """Current resident set size of this process (``VmRSS``), MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return float(line.split()[1]) / 1024
+    raise OSError("no VmRSS in /proc/self/status (Linux only)")
+
+
+def _cache_probe(spec: str | dict) -> None:
+    """Subprocess entry: resident memory grown by building ``train#dataset`` (the cache); prints one JSON line."""
+    import gc
+
+    args = spec if isinstance(spec, dict) else json.loads(spec)
+    p = _parser(args["overrides"])
+    n = len(p.get_parsed_content("train_datalist"))  # the datalist check reads the volumes: before the baseline
+    gc.collect()
+    before = _rss_mb()
+    t0 = time.perf_counter()
+    dataset = p.get_parsed_content("train#dataset")
+    seconds = time.perf_counter() - t0
+    gc.collect()
+    after = _rss_mb()
+    ram = int(getattr(dataset, "cache_num", n))
+    print("CACHE " + json.dumps({"subjects": n, "in_ram": ram, "rss_before_mb": before, "rss_after_mb": after,
+                                 "build_s": seconds, "dataset": type(dataset).__name__}))
+
+
+def _cache_memory(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Resident memory per training subject cached in RAM (a fresh subprocess) and its projection.
+
+    The growth of the resident set while ``train#dataset`` is built, divided by the subjects held in RAM, times
+    :data:`PROJECT_SUBJECTS`.
+    """
+    spec = json.dumps({"overrides": overrides})
+    proc = subprocess.run([sys.executable, __file__, "--cache_probe", spec], capture_output=True, text=True,
+                          cwd=ROOT, timeout=3600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CACHE ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"cache probe {overrides} failed:\n{proc.stderr[-3000:]}")
+    res = json.loads(lines[-1][len("CACHE "):])
+    grown = res["rss_after_mb"] - res["rss_before_mb"]
+    res["mb_per_subject"] = grown / res["in_ram"] if res["in_ram"] else float("nan")
+    res["projected_gb"] = {str(k): res["mb_per_subject"] * k / 1024 for k in PROJECT_SUBJECTS}
+    return res
+
+
 def _data_wait(overrides: dict[str, Any], epochs: int) -> dict[str, float]:
     """Share of step time waiting for data: real cached pipeline, default loader, ``dual_attention``."""
     from ignite.handlers import BasicTimeProfiler
@@ -371,7 +421,8 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple | None = None, 
          memory: bool = True, ram_budget_gb: float = 8.0, data_epochs: int = 3, inference_repeats: int = 2,
          data_workers: list | tuple | int = (1,), ttq_psnr: float | None = None, ttq_max_epochs: int = 30,
          ttq_dataset_dir: str | None = None,
-         probe: str | dict | None = None) -> str | None:
+         cache_subjects: int | None = None, probe: str | dict | None = None,
+         cache_probe: str | dict | None = None) -> str | None:
     """Run the measurements, print the tables and write ``output`` (JSON).
 
     Args:
@@ -396,10 +447,15 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple | None = None, 
         ttq_psnr: if given, time ``unet`` and ``dual_attention`` to this validation PSNR (dB) on the phantom.
         ttq_max_epochs: epoch limit of each time-to-quality run.
         ttq_dataset_dir: data of the time-to-quality runs (default: the config's phantom, 96 x 96 x 48).
-        probe: internal (memory subprocess).
+        cache_subjects: with ``real_size``, the training subjects of the BraTS-size phantom (default 4); the
+            resident memory per cached subject is measured on them and projected to 200 and 1251 subjects.
+        probe, cache_probe: internal (memory subprocesses).
     """
     if probe is not None:
         _memory_probe(probe)
+        return None
+    if cache_probe is not None:
+        _cache_probe(cache_probe)
         return None
     import torch
 
@@ -413,8 +469,10 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple | None = None, 
         raise ValueError(f"widths must be among {sorted(WIDTHS)}, got {unknown!r}.")
     base = dict(overrides or {})
     if real_size:
-        base["phantom"] = REAL_SIZE_PHANTOM
-        base.setdefault("dataset_dir", dataset_dir or str(ROOT / "data" / "phantom_t1t2_brats_size"))
+        n_train = int(cache_subjects or REAL_SIZE_PHANTOM["n_train"])
+        base["phantom"] = {**REAL_SIZE_PHANTOM, "n_train": n_train}
+        suffix = "" if n_train == REAL_SIZE_PHANTOM["n_train"] else str(n_train)
+        base.setdefault("dataset_dir", dataset_dir or str(ROOT / "data" / f"phantom_t1t2_brats_size{suffix}"))
     elif dataset_dir:
         base["dataset_dir"] = dataset_dir
     parser = _parser(base)
@@ -428,6 +486,9 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple | None = None, 
         three = json.loads((ROOT / "bundle" / "configs" / "3d.json").read_text())
         row_sets.append(("3d", {**base, **three}, [v for v in ("unet", "dual_attention") if v in variants]))
 
+    # 0. resident memory per cached training subject, projected to the paper's and BraTS 2021's training sets
+    results["cache_memory"] = _cache_memory(base)
+    print(f"[benchmark] stage done: {sorted(results)}", file=sys.stderr, flush=True)
     # 1. data wait (real pipeline, default loader settings)
     results["data_wait"] = _data_wait(base, data_epochs)
     extra = [data_workers] if isinstance(data_workers, int) else list(data_workers)
@@ -496,6 +557,10 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple | None = None, 
             lines.append(f"lever {lv['rows']:<8} {lv['lever']:<24} dual_attention {lv['dual_attention_s']:.3f}s "
                          f"({lv['speedup']:.2f}x faster than the {lv['baseline']}), unet {lv['unet_s']:.3f}s, "
                          f"GAN/UNet {lv['ratio_to_unet']:.2f}x ({lv['baseline']}: {lv['baseline_ratio']:.2f}x)")
+    cm = results["cache_memory"]
+    lines.append(f"training cache: {cm['subjects']} subjects ({cm['in_ram']} in RAM), resident memory "
+                 f"+{cm['mb_per_subject']:.1f} MB per subject in RAM; projected "
+                 + ", ".join(f"{k} subjects {v:.1f} GB" for k, v in cm["projected_gb"].items()))
     for dw in [results["data_wait"]] + results["data_wait_other_workers"]:
         lines.append(f"data wait share of step time (dual_attention, real pipeline, {dw['loader']}, num_workers="
                      f"{dw['num_workers']}, {dw['iterations']} iterations): {100 * dw['data_wait_share']:.1f}% "

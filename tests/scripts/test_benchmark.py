@@ -161,3 +161,30 @@ def test_memory_probe_reports_its_own_peak_not_its_parents():
     assert proc.returncode == 0, proc.stderr[-2000:]
     child_mb = float(proc.stdout.split()[-1])
     assert held.sum() > 0 and 0 < child_mb < 1500, child_mb
+
+
+def test_cache_memory_is_the_resident_growth_per_subject_in_ram_projected(monkeypatch):
+    """MB per cached subject: the resident set's growth while the training set is built, over the subjects in RAM
+    (not those on disk); the projection multiplies it by the paper's and BraTS 2021's training subjects."""
+    bench = _bench()
+
+    class Done:
+        returncode, stderr = 0, ""
+        stdout = ('CACHE {"subjects": 16, "in_ram": 10, "rss_before_mb": 500.0, "rss_after_mb": 1000.0, '
+                  '"build_s": 1.0, "dataset": "BudgetCacheDataset"}\n')
+
+    monkeypatch.setattr(bench.subprocess, "run", lambda *a, **k: Done())
+    m = bench._cache_memory({})
+    assert m["mb_per_subject"] == pytest.approx(50.0)
+    assert m["projected_gb"] == {"200": pytest.approx(50 * 200 / 1024), "1251": pytest.approx(50 * 1251 / 1024)}
+
+
+def test_cache_probe_measures_the_built_training_set(tmp_path, capsys):
+    """The probe builds the config's train#dataset (all in RAM by default) and reports its resident growth."""
+    ensure_phantom(tmp_path / "ph", task="t1t2", n_train=2, n_val=1, n_test=0, shape=(48, 48, 32), seed=0)
+    bench = _bench()
+    bench._cache_probe({"overrides": {**TINY_OVERRIDES, "dataset_dir": str(tmp_path / "ph"),
+                                      "cache_dir": str(tmp_path / "cache")}})
+    out = json.loads(capsys.readouterr().out.split("CACHE ", 1)[1])
+    assert out["subjects"] == 2 and out["in_ram"] == 2 and out["dataset"] == "BudgetCacheDataset"
+    assert out["rss_after_mb"] >= out["rss_before_mb"] > 0
