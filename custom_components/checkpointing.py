@@ -13,11 +13,17 @@ and adds what a resume needs:
 * :class:`ResumeLoader` loads it with MONAI's ``CheckpointLoader``, keeps "last N" checkpoints across resumes and, if
   asked, applies learning rates changed on the command line to the restored optimizers.
 * :func:`record_run` writes each run's options beside its checkpoints and refuses a resume whose options differ.
+* :func:`verify_checksums` checks a saved file against the CRC-32 checksum ``torch.save`` stores for every record
+  of its zip container (PyTorch itself never checks them on load): a checkpoint whose bytes changed after it was
+  written is ignored at resume, as a truncated one is, and the previous checkpoint is used.
+* A save that fails (a full disk) raises :class:`CheckpointWriteError`, one plain message naming the file, the
+  folder and its free space; the previous files are kept.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import logging
 import os
@@ -35,6 +41,7 @@ __all__ = [
     "AtomicCheckpointSaver",
     "AtomicDiskSaver",
     "BestMetricState",
+    "CheckpointWriteError",
     "ResumeError",
     "ResumeLoader",
     "RUN_RECORD",
@@ -42,6 +49,7 @@ __all__ = [
     "latest_checkpoint",
     "record_run",
     "remove_partial_files",
+    "verify_checksums",
 ]
 
 logger = logging.getLogger(__name__)
@@ -53,6 +61,69 @@ RESUMABLE_CHANGES = ("epochs", "val_interval", "log_every", "num_workers", "cach
 
 class ResumeError(ValueError):
     """A resume cannot continue the run as asked (nothing to resume, finished run, changed options)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint or weight file could not be written (full disk, quota, lost folder); the old file is kept."""
+
+
+def verify_checksums(path: str | os.PathLike) -> str | None:
+    """``None`` if every record of the ``torch.save`` file ``path`` matches its stored CRC-32 checksum, else the
+    problem (which record, or why the file is not a readable zip container), for a message naming the file.
+
+    ``torch.save`` writes a zip container with a CRC-32 checksum of each record (the pickled structure, each
+    tensor's bytes); ``torch.load`` does not check them, so bytes changed after the save (a bad disk, a copy gone
+    wrong, a file edited by hand) load silently as wrong weights. This reads the whole file and checks every record.
+    A file that is no zip container (truncated, or saved in PyTorch's legacy format) is left to ``torch.load`` to
+    report; one saved without checksums is not checked.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            if all(i.CRC == 0 for i in z.infolist() if i.file_size):  # saved without checksums
+                return None
+            bad = z.testzip()
+    except zipfile.BadZipFile:  # truncated, or not a zip container (legacy format): torch.load tells which
+        return None
+    except (OSError, RuntimeError, ValueError, EOFError) as e:  # e.g. a record header overwritten by chance
+        return f"it cannot be read to the end ({type(e).__name__}: {e})"
+    if bad is not None:
+        return (f"record {bad!r} does not match the CRC-32 checksum stored when the file was saved: its bytes changed "
+                "after the save")
+    return None
+
+
+def _free_bytes(folder: Path) -> int | None:
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _write_error(path: Path, e: BaseException, free_at_failure: int | None = None) -> CheckpointWriteError:
+    """A plain :class:`CheckpointWriteError` for a failed save of ``path`` (the cause is kept as ``__cause__``).
+
+    ``free_at_failure``: the free bytes measured before the partial file was removed; under 1 MiB means the disk
+    filled up (PyTorch's zip writer then reports only "unexpected pos ..." or "file write failed")."""
+    free_now = _free_bytes(path.parent)
+    free = "free space unknown" if free_now is None else f"{free_now / 2**20:.1f} MiB free"
+    text = str(e).strip()
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or (
+            free_at_failure is not None and free_at_failure < 2**20):
+        why = "the disk is full"
+    elif "write failed" in text:  # torch's zip writer: "PytorchStreamWriter failed writing file ...: file write failed"
+        why = "the write failed: is the disk full?"
+    else:
+        why = f"{type(e).__name__}: {text.splitlines()[-1] if text else repr(e)}"
+    err = CheckpointWriteError(
+        f"could not write {path} ({why}; {free} in {path.parent}). Nothing was lost: the files saved before are "
+        "kept and no partial file is left; free some space (or choose another folder) and continue with "
+        "'--resume true'.")
+    err.errno = e.errno if isinstance(e, OSError) else None
+    return err
 
 
 class AtomicDiskSaver(BaseSaveHandler):
@@ -73,15 +144,23 @@ class AtomicDiskSaver(BaseSaveHandler):
         self.dirname.mkdir(parents=True, exist_ok=True)
         path = self.dirname / (self.filename or filename)
         tmp = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+        crc = torch.serialization.get_crc32_options()
         try:
+            torch.serialization.set_crc32_options(True)  # the checksums verify_checksums checks at resume
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except Exception as e:  # a full disk, a lost folder: one plain error naming the file, old file kept
+            free = _free_bytes(path.parent)
+            tmp.unlink(missing_ok=True)
+            raise _write_error(path, e, free) from e
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        finally:
+            torch.serialization.set_crc32_options(crc)
 
     def remove(self, filename: str) -> None:
         if self.filename is None:
@@ -119,10 +198,15 @@ def remove_partial_files(*dirs: str | os.PathLike) -> list[Path]:
 def checkpoint_iterations(ckpt_dir: str | os.PathLike, pattern: str = "checkpoint_*.pt") -> list[tuple[int, int, Path]]:
     """``(iteration, epoch, path)`` of every readable checkpoint in ``ckpt_dir``, read from the files, oldest first.
 
-    Unreadable files are logged and left out.
+    Unreadable files, and files whose bytes no longer match the checksums stored when they were saved
+    (:func:`verify_checksums`), are logged and left out, so a resume falls back to the previous checkpoint.
     """
     found = []
     for f in Path(ckpt_dir).glob(pattern):
+        damaged = verify_checksums(f)
+        if damaged is not None:
+            logger.warning("checkpoint %s is damaged and is ignored: %s", f, damaged)
+            continue
         try:
             state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             trainer = state["trainer"]

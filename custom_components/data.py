@@ -15,12 +15,16 @@ import torch
 from .options import as_flag
 
 __all__ = [
+    "BRATS_LABELS",
     "DatalistError",
+    "HU_AIR_MAX",
     "PrepareSourceTarget",
     "check_datalist",
     "check_patch_size",
     "check_splits",
     "checked_datalist",
+    "ct_warning",
+    "label_problems",
     "load_datalist",
     "prepare_phantom",
     "read_datalist_json",
@@ -71,15 +75,62 @@ def load_datalist(datalist: str | os.PathLike, section: str, base_dir: str | os.
     return out
 
 
+#: BraTS segmentation labels: 0 background, 1 necrotic core, 2 oedema, 3 enhancing tumour (2023+), 4 enhancing (-2021)
+BRATS_LABELS: tuple[int, ...] = (0, 1, 2, 3, 4)
+#: a CT in Hounsfield units has air (about -1000 HU) around the body; a minimum above this is not HU
+HU_AIR_MAX = -900.0
+
+
+def label_problems(label: np.ndarray, mask: np.ndarray | None, path: str, allowed: Sequence[int] | None = None,
+                   max_fraction: float = 0.5) -> list[str]:
+    """What is wrong with tumour label ``label`` (file ``path``): values that are not whole non-negative numbers,
+    values outside ``allowed`` (e.g. :data:`BRATS_LABELS`), or a tumour (``label > 0``) covering more than
+    ``max_fraction`` of the foreground ``mask`` (of the whole image without a mask): a background coded as a
+    non-zero value. Each problem names the file, what was expected and what was found."""
+    label = np.asarray(label)
+    values = np.unique(label[np.isfinite(label)])
+    problems = []
+    odd = values[(values < 0) | (values != np.round(values))]
+    if odd.size:
+        problems.append(f"label file {path} holds {odd.size} value(s) that are not class numbers "
+                        f"({', '.join(f'{v:g}' for v in odd[:6])}); expected whole numbers >= 0")
+    if allowed is not None:
+        outside = [v for v in values if v >= 0 and v == round(v) and int(v) not in set(allowed)]
+        if outside:
+            problems.append(f"label file {path} holds value(s) {', '.join(f'{v:g}' for v in outside[:6])} outside "
+                            f"{{{', '.join(map(str, allowed))}}} (the BraTS labels)")
+    region = np.asarray(mask) > 0 if mask is not None and np.asarray(mask).shape == label.shape else None
+    total = int(region.sum()) if region is not None else label.size
+    tumour = int(((label > 0) & region).sum()) if region is not None else int((label > 0).sum())
+    if total and tumour > max_fraction * total:
+        where = "of the foreground mask" if region is not None else "of the image"
+        problems.append(f"label file {path} marks {100 * tumour / total:.0f}% {where} as tumour (label > 0), more "
+                        f"than {100 * max_fraction:.0f}%: is the background coded as a non-zero value?")
+    return problems
+
+
+def ct_warning(ct: np.ndarray, path: str, hu_air_max: float = HU_AIR_MAX) -> str | None:
+    """A warning when CT ``ct`` (file ``path``) has no voxel near -1000 HU (air): minimum above ``hu_air_max``."""
+    low = float(np.nanmin(np.asarray(ct))) if np.asarray(ct).size else float("nan")
+    if not low <= hu_air_max:
+        return (f"CT file {path} has no voxel near -1000 HU (air): its minimum is {low:g}, not below {hu_air_max:g}; "
+                "values may not be in Hounsfield units (e.g. stored as 0..4095 without the rescale intercept)")
+    return None
+
+
 def check_datalist(items: Sequence[dict], image_keys: Sequence[str] = ("source", "target"),
                    aux_keys: Sequence[str] = ("label", "mask"), atol: float = 1e-3, check_values: bool = True,
-                   name: str = "datalist") -> Sequence[dict]:
+                   name: str = "datalist", label_values: Sequence[int] | None = None, max_label_fraction: float = 0.5,
+                   ct_key: str | None = None, hu_air_max: float = HU_AIR_MAX) -> Sequence[dict]:
     """Check every subject before training; raise :class:`DatalistError` listing all problems found.
 
     Checks: the list is not empty; no subject id or image file appears twice; every ``image_keys`` entry is
     present; every file passes :func:`custom_components.readers.screen_image` (exists, readable, one 3D volume
     with one channel, finite values when ``check_values``); images and any ``aux_keys`` files of a subject have the
-    same spatial shape and affines equal within ``atol``.
+    same spatial shape and affines equal within ``atol``; a ``label`` holds class numbers (whole, >= 0, within
+    ``label_values`` when given) and its tumour covers at most ``max_label_fraction`` of the ``mask``
+    (:func:`label_problems`). The ``ct_key`` image (a CT target) without a voxel near -1000 HU gets a warning naming
+    the subject and the file (:func:`ct_warning`).
 
     Returns ``items`` unchanged, so the call can sit between a datalist and a dataset in a config.
     """
@@ -91,6 +142,7 @@ def check_datalist(items: Sequence[dict], image_keys: Sequence[str] = ("source",
     for i, item in enumerate(items):
         subject = item.get("subject", f"#{i}")
         ref: tuple[str, Any] | None = None
+        arrays: dict[str, Any] = {}
         for key in list(image_keys) + [k for k in aux_keys if k in item]:
             if key not in item:
                 problems.append(f"subject {subject}: no {key!r} entry (expected keys {list(image_keys)}).")
@@ -101,6 +153,8 @@ def check_datalist(items: Sequence[dict], image_keys: Sequence[str] = ("source",
                 problems.append(f"subject {subject}: {problem}.")
             if img is None:
                 continue
+            if key in ("label", "mask", ct_key):
+                arrays[key] = img
             shape, affine = tuple(img.shape[:3]), np.asarray(img.affine)
             if ref is None:
                 ref = (f"{key} {path}", (shape, affine))
@@ -113,6 +167,15 @@ def check_datalist(items: Sequence[dict], image_keys: Sequence[str] = ("source",
                     f"subject {subject}: {key} file {path} has an affine different from {ref[0]} "
                     f"(max difference {np.abs(affine - ref_affine).max():.4g} > {atol})."
                 )
+        if "label" in arrays:
+            mask = arrays.get("mask")
+            problems += [f"subject {subject}: {p}{'' if p.endswith('?') else '.'}" for p in label_problems(
+                np.asarray(arrays["label"]).reshape(arrays["label"].shape[:3]), None if mask is None else
+                np.asarray(mask).reshape(mask.shape[:3]), item["label"], label_values, max_label_fraction)]
+        if ct_key in arrays:
+            warning = ct_warning(np.asarray(arrays[ct_key]), item[ct_key], hu_air_max)
+            if warning:
+                logger.warning("%s: subject %s: %s", name, subject, warning)
     if problems:
         raise DatalistError(f"{name}: {len(problems)} problem(s) found before training:\n  " + "\n  ".join(problems))
     logger.info("%s: %d subjects checked", name, len(items))
@@ -192,10 +255,20 @@ def check_patch_size(patch_size: Sequence[int], spatial_dims: int, strides: Mapp
             )
 
 
+def _is_brats(header: Mapping[str, Any]) -> bool:
+    """Whether a datalist's header says its labels follow the BraTS convention: written by ``prepare_brats.py``
+    (``"description": "BraTS ..."``) or the built-in t1t2 phantom, which mimics BraTS."""
+    return str(header.get("description", "")).startswith("BraTS") or header.get("task") == "t1t2"
+
+
 def checked_datalist(datalist: str | os.PathLike, section: str, require: Sequence[str] = (), why: str = "",
                      **check_args: Any) -> list[dict]:
     """The ``section`` list of ``datalist`` (:func:`load_datalist`), checked by :func:`check_datalist` and, when
     ``require`` names keys every entry must have, :func:`require_keys` (``why`` says what needs them).
+
+    The datalist's header sets the value checks: a BraTS datalist (or the t1t2 phantom) has its labels checked
+    against :data:`BRATS_LABELS`; a CT target (``"target_modality": "ct"`` or ``"task": "mrct"``) is checked for
+    Hounsfield units.
 
     Errors name the list as ``"<section> list of <datalist>"``. Config use::
 
@@ -203,6 +276,12 @@ def checked_datalist(datalist: str | os.PathLike, section: str, require: Sequenc
                            "section": "training", "require": ["mask"], "why": "patches are sampled inside the mask"}
     """
     name = f"{section} list of {datalist}"
+    header = read_datalist_json(datalist, hint=" (generate the phantom or point 'datalist' to a file)")
+    header = header if isinstance(header, dict) else {}
+    if _is_brats(header):
+        check_args.setdefault("label_values", BRATS_LABELS)
+    if str(header.get("target_modality", "")).lower() == "ct" or header.get("task") == "mrct":
+        check_args.setdefault("ct_key", "target")
     items = check_datalist(load_datalist(datalist, section), name=name, **check_args)
     if require:
         require_keys(items, require, name=name, why=f" ({why})" if why else "")

@@ -29,13 +29,15 @@ def _raised_here(exc: BaseException) -> tuple[str, int] | None:
 
 
 def project_error(exc: BaseException) -> BaseException | None:
-    """The innermost exception of ``exc``'s chain (``__cause__``/``__context__``) raised by this package, if any."""
+    """The innermost exception of ``exc``'s chain (``__cause__``/``__context__``, except a context hidden by
+    ``raise ... from None``) raised by this package, if any."""
     found, seen = None, set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if _raised_here(exc):
             found = exc
-        exc = exc.__cause__ or exc.__context__
+        # an error raised "from None" hides the one it replaced, as in Python's own report
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     return found
 
 

@@ -1,10 +1,18 @@
-"""Whole-volume inference helpers: input collection and screening, the confidence-map transform, a run summary."""
+"""Whole-volume inference helpers: input collection and screening, the confidence-map transform, a run summary.
+
+Every input is synthesised in a run of its own (:meth:`InferenceInputs.run`), so one bad input fails alone with its
+own error; inputs too small for the networks are set aside before any work; outputs are written under a temporary
+name and renamed when complete (:class:`AtomicNibabelWriter`), and an input is skipped on a rerun only when all of
+its outputs exist and can be read.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -13,7 +21,7 @@ from typing import Any
 
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
+from monai.data import MetaTensor, NibabelWriter
 from monai.data.utils import create_file_basename
 from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import MapTransform
@@ -22,12 +30,127 @@ from .options import as_flag
 from .runs import check_writable
 
 __all__ = [
-    "ConfidenceMapd", "InferenceError", "InferenceInputs", "collect_inputs", "common_root", "confidence_condition_key",
-    "inference_inputs", "input_root", "screen_inputs",
+    "AtomicNibabelWriter", "ConfidenceMapd", "InferenceError", "InferenceInputs", "collect_inputs", "common_root",
+    "confidence_condition_key", "inference_inputs", "input_root", "ras_shape", "screen_inputs", "slice_size_problem",
 ]
 
 logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+PARTIAL_TAG = ".partial-"  # temporary outputs: ".<name>.partial-<pid><ext>" beside the final file
+
+
+def _split_ext(name: str) -> tuple[str, str]:
+    for ext in (".nii.gz", *IMAGE_SUFFIXES):
+        if name.endswith(ext):
+            return name[: -len(ext)], ext
+    stem, ext = os.path.splitext(name)
+    return stem, ext
+
+
+def partial_name(path: str | os.PathLike, pid: int | None = None) -> Path:
+    """The temporary name :class:`AtomicNibabelWriter` writes ``path`` under (same folder and extension, so the
+    writer picks the same format and compression)."""
+    path = Path(path)
+    stem, ext = _split_ext(path.name)
+    return path.with_name(f".{stem}{PARTIAL_TAG}{os.getpid() if pid is None else pid}{ext}")
+
+
+def remove_partial_outputs(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of output ``path`` left by runs that were killed (their process is gone)."""
+    path = Path(path)
+    stem, ext = _split_ext(path.name)
+    removed = []
+    if path.parent.is_dir():
+        for f in path.parent.glob(f".{stem}{PARTIAL_TAG}*{ext}"):
+            pid = f.name[len(f".{stem}{PARTIAL_TAG}"): len(f.name) - len(ext)]
+            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+                continue  # another live run is writing it
+            logger.warning("removing %s, left by an interrupted inference", f)
+            f.unlink(missing_ok=True)
+            removed.append(f)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class AtomicNibabelWriter(NibabelWriter):
+    """MONAI's ``NibabelWriter`` writing each file under a temporary name in its folder, renamed when complete, and
+    keeping every spatial axis of a single-channel image.
+
+    A run killed while writing leaves only a hidden ``.<name>.partial-<pid>.nii.gz`` (removed by the next run's
+    screening), never a truncated file under the output's name. ``NibabelWriter`` (through ``SaveImaged``'s
+    ``squeeze_end_dims``) removes all trailing axes of size 1 after moving the channel last, so a 48 x 48 x 1 input
+    would be written as a 2D image that has lost its third spacing (and without squeezing, every output would gain
+    a fourth axis): this writer removes the channel axis only. For ``SaveImaged``:
+    ``"writer": "custom_components.inference.AtomicNibabelWriter"``.
+    """
+
+    def set_data_array(self, data_array: Any, channel_dim: int | None = 0, squeeze_end_dims: bool = True,
+                       **kwargs: Any) -> None:
+        super().set_data_array(data_array, channel_dim=channel_dim, squeeze_end_dims=False, **kwargs)
+        if channel_dim is not None and self.data_obj.shape[-1] == 1:
+            self.data_obj = self.data_obj[..., 0]
+
+    def write(self, filename: str | os.PathLike, verbose: bool = False, **obj_kwargs: Any) -> None:
+        path = Path(filename)
+        tmp = partial_name(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            super().write(str(tmp), verbose=False, **obj_kwargs)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if verbose:
+            logger.info("written: %s", path)
+
+
+def ras_shape(image: Any) -> tuple[int, ...]:
+    """Spatial shape of a loaded 3D ``image`` (a MONAI ``MetaTensor`` without channel axis, or with a trailing one)
+    after ``Orientationd(axcodes="RAS")``, the axes the networks see at inference."""
+    import nibabel as nib
+    import numpy as np
+
+    shape = tuple(int(s) for s in image.shape[:3])
+    affine = np.asarray(getattr(image, "affine", np.eye(4)), dtype=np.float64)
+    try:
+        ornt = nib.orientations.io_orientation(affine)
+    except Exception:  # noqa: BLE001 - a degenerate affine: MONAI keeps the axes as they are
+        return shape
+    out = list(shape)
+    for axis, (target, _) in enumerate(ornt):
+        if not np.isnan(target):
+            out[int(target)] = shape[axis]
+    return tuple(out)
+
+
+def slice_size_problem(shape: Sequence[int], inferer: Any) -> str | None:
+    """Why a volume of RAS ``shape`` is too small for the networks run by ``inferer``, or ``None``.
+
+    A :class:`~custom_components.inferers.WholeSliceInferer` pads each slice to a multiple of its ``divisor`` (the
+    networks' total stride); at their deepest level the networks then see one element per ``divisor`` voxels, and
+    their instance normalisation needs at least two. A slice covering a single cell (16 x 16 with divisor 16) fails
+    there. Window inferers pad every window to ``roi_size`` (checked by ``check_patch_size``): no constraint here.
+    """
+    divisor, spatial_dim = getattr(inferer, "divisor", None), getattr(inferer, "spatial_dim", None)
+    if not divisor or spatial_dim is None or len(shape) != 3:
+        return None
+    plane = [int(s) for i, s in enumerate(shape) if i != spatial_dim]
+    if math.prod(math.ceil(s / divisor) for s in plane) >= 2:
+        return None
+    return (f"its slices are {plane[0]} x {plane[1]} voxels (axes of the RAS volume {tuple(shape)}), too small for "
+            f"the networks: they reduce a slice by {divisor} and need at least 2 elements there, so one in-plane size "
+            f"must be at least {divisor + 1} voxels")
 
 
 def collect_inputs(input_path: str | os.PathLike, section: str = "test", source_key: str = "source") -> list[dict]:
@@ -84,29 +207,102 @@ class InferenceInputs:
     skipped: list[dict] = field(default_factory=list)
     data_root_dir: str = ""
     outputs: dict[str, list[str]] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def screen_sizes(self, inferer: Any) -> dict[str, str]:
+        """Set aside (as failed) every item too small for the networks run by ``inferer``
+        (:func:`slice_size_problem`); return their reasons. Called by :meth:`run` before any input is synthesised."""
+        if inferer is None:
+            return {}
+        reasons = {}
+        for item in self.items:
+            src = str(item[self.source_key])
+            problem = slice_size_problem(self.shapes[src], inferer) if src in self.shapes else None
+            if problem is not None:
+                logger.error("skipping %s: %s", src, problem)
+                reasons[src] = problem
+        return reasons
+
+    def _item_loaders(self, evaluator: Any) -> list[Any] | None:
+        """One data loader per item over the evaluator's own data set (same transforms), or ``None`` when that data
+        set is not this object's ``items`` (then everything runs in one pass)."""
+        from torch.utils.data import DataLoader, Subset
+
+        loader = getattr(evaluator, "data_loader", None)
+        dataset = getattr(loader, "dataset", None)
+        data = getattr(dataset, "data", None)
+        if loader is None or data is None or len(data) != len(self.items) or any(
+                a.get(self.source_key) != b.get(self.source_key) for a, b in zip(data, self.items)):
+            return None
+        return [DataLoader(Subset(dataset, [i]), batch_size=1, shuffle=False, num_workers=0,
+                           collate_fn=loader.collate_fn) for i in range(len(self.items))]
+
+    @staticmethod
+    def _run_evaluator(evaluator: Any, loader: Any = None) -> str | None:
+        """Run ``evaluator`` (on ``loader`` if given); the error it stopped with, described, or ``None``."""
+        from ignite.engine import Events
+
+        caught: list[BaseException] = []
+
+        def keep(engine: Any, e: BaseException) -> None:
+            caught.append(e)
+            raise e
+
+        if loader is not None:
+            evaluator.data_loader = loader
+            evaluator.state.epoch_length = len(loader)
+        evaluator.interrupt_resume_enabled = False  # no half-finished run is carried from one input to the next
+        evaluator.add_event_handler(Events.EXCEPTION_RAISED, keep)
+        try:
+            evaluator.run()
+        except Exception as e:  # noqa: BLE001 - reported for this input only
+            caught.append(e)
+        finally:
+            evaluator.remove_event_handler(keep, Events.EXCEPTION_RAISED)
+        return describe_error(caught[-1]) if caught else None
 
     def run(self, evaluator: Any = None) -> dict:
-        """Run ``evaluator`` on the screened items, then write the summary; :class:`InferenceError` if any failed.
+        """Run ``evaluator`` on each screened item on its own, then write the summary; :class:`InferenceError` if
+        any failed.
 
-        An item counts as synthesised only if all its output files were written by this run; an error during the
-        run is reported for every item left unwritten, and the summary is still written.
+        Items too small for the networks are set aside first (:meth:`screen_sizes`). Each item then runs alone, so
+        an error fails that item only, with that error; the others go on. An item counts as synthesised only if all
+        its output files were written by this run. The summary is always written.
         """
-        start, error = time.time() - 1.0, None
+        start = time.time() - 1.0
+        reasons: dict[str, str] = {}
+        shared_error = None
         if evaluator is not None and self.items:
-            try:
-                evaluator.run()
-            except Exception as e:  # noqa: BLE001 - reported in the summary and re-raised as InferenceError
-                error = f"{type(e).__name__}: {e}"
-                logger.error("inference stopped: %s", error)
+            reasons.update(self.screen_sizes(getattr(evaluator, "inferer", None)))
+            loaders = self._item_loaders(evaluator)
+            if loaders is None:
+                shared_error = self._run_evaluator(evaluator)
+                if shared_error:
+                    logger.error("inference stopped: %s", shared_error)
+            else:
+                original = evaluator.data_loader
+                todo = [(i, it) for i, it in enumerate(self.items) if str(it[self.source_key]) not in reasons]
+                for n, (i, item) in enumerate(todo, 1):
+                    src = str(item[self.source_key])
+                    logger.info("inference %d/%d: %s", n, len(todo), src)
+                    error = self._run_evaluator(evaluator, loaders[i])
+                    if error is not None:
+                        logger.error("failed: %s: %s", src, error)
+                        reasons[src] = error
+                evaluator.data_loader = original
         done, failed = [], list(self.failed)
         for item in self.items:
             src = item[self.source_key]
             planned = self.outputs.get(src, [])
-            if planned and all(os.path.exists(p) and os.path.getmtime(p) >= start for p in planned):
+            if str(src) in reasons:
+                failed.append({"file": src, "reason": reasons[str(src)]})
+            elif planned and all(os.path.exists(p) and os.path.getmtime(p) >= start for p in planned):
                 done.append(src)
             else:
-                failed.append({"file": src, "reason": f"output not written ({error or 'unknown reason'})"})
-        return self.summary(done=done, failed=failed, error=error)
+                missing = [p for p in planned if not (os.path.exists(p) and os.path.getmtime(p) >= start)]
+                failed.append({"file": src, "reason": f"output {missing[0] if missing else '?'} not written "
+                                                      f"({shared_error or 'unknown reason'})"})
+        return self.summary(done=done, failed=failed, error=shared_error)
 
     def summary(self, engine: Any = None, done: list[str] | None = None, failed: list[dict] | None = None,
                 error: str | None = None) -> dict:
@@ -139,6 +335,21 @@ class InferenceInputs:
         return report
 
 
+def describe_error(e: BaseException) -> str:
+    """One line for an error stopped inside MONAI's transform chain: the innermost error with its type, and the
+    transform it came from (instead of ``applying transform <Compose object at 0x...>``)."""
+    chain, seen, x = [], set(), e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    names = [n.rsplit(".", 1)[-1] for c in chain for n in re.findall(r"applying transform <([\w.]+)", str(c))]
+    names = [n for n in names if n != "Compose"]
+    root = next((c for c in reversed(chain) if not str(c).startswith("applying transform")), chain[-1])
+    text = str(root).strip().splitlines()[0][:400] if str(root).strip() else repr(root)
+    return f"{type(root).__name__}{f' in {names[-1]}' if names else ''}: {text}"
+
+
 def _under(path: str, folder: str) -> bool:
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return os.path.commonpath([path, folder]) == folder
@@ -152,7 +363,10 @@ def screen_inputs(items: Sequence[dict], output_dir: str, source_key: str = "sou
     A file is set aside as failed (with its reason) if :func:`custom_components.readers.screen_image` finds a
     problem (missing, unreadable, not one 3D single-channel volume, non-finite values), if its output would land
     outside ``output_dir``, or if two inputs would write the same output file (``scan.nii`` and ``scan.nii.gz``).
-    It is skipped (not failed) if its outputs already exist and ``overwrite`` is false. ``data_root_dir`` is the
+    It is skipped (not failed) if all its outputs already exist and can be read and ``overwrite`` is false; an
+    input with a missing or unreadable output (a run killed while writing it) is synthesised again, and temporary
+    files of killed runs (:class:`AtomicNibabelWriter`) are removed. Each accepted input's RAS shape is kept for
+    :meth:`InferenceInputs.screen_sizes`. ``data_root_dir`` is the
     part of the input paths not repeated below ``output_dir``; when some input lies outside it (or it is not given)
     the deepest folder holding all inputs is used instead (:func:`common_root`), so no output path climbs out of
     ``output_dir``.
@@ -164,26 +378,35 @@ def screen_inputs(items: Sequence[dict], output_dir: str, source_key: str = "sou
         root = data_root_dir
     elif data_root_dir:
         logger.info("inputs lie outside %s: outputs mirror their folders below %s instead", data_root_dir, root)
-    good, failed, skipped, outputs = [], [], [], {}
+    good, failed, skipped, outputs, shapes = [], [], [], {}, {}
     for item in items:
         path = item.get(source_key)
         if path is None:
             failed.append({"file": str(item), "reason": f"no {source_key!r} entry"})
             continue
         planned = [output_path(path, output_dir, pf, root, ext) for pf in postfixes]
-        reason = screen_image(path, what=f"{source_key} file").problem
+        image, reason = screen_image(path, what=f"{source_key} file")
         if reason is None and not all(_under(p, output_dir) for p in planned):
             reason = f"its output {planned[0]} would be written outside --output_dir {output_dir}"
-        if reason is None and not overwrite:
-            existing = [p for p in planned if os.path.exists(p)]
-            if existing:
-                logger.info("skipping %s: output %s exists", path, existing[0])
-                skipped.append({"file": str(path), "reason": f"output {existing[0]} exists (pass --overwrite true to "
-                                                             "replace it)"})
+        if reason is None:
+            for p in planned:
+                remove_partial_outputs(p)
+        if reason is None and not overwrite and all(os.path.exists(p) for p in planned):
+            unreadable = [(p, pr) for p in planned if (pr := screen_image(p, what="output").problem) is not None]
+            if not unreadable:
+                logger.info("skipping %s: output %s exists", path, planned[0])
+                others = f" (and {', '.join(planned[1:])})" if len(planned) > 1 else ""
+                skipped.append({"file": str(path), "reason": f"output {planned[0]}{others} exists and can be read "
+                                                             "(pass --overwrite true to replace it)"})
                 continue
+            logger.warning("synthesising %s again: %s (a run stopped while writing it?)", path, unreadable[0][1])
+        elif reason is None and not overwrite and any(os.path.exists(p) for p in planned):
+            missing = [p for p in planned if not os.path.exists(p)]
+            logger.warning("synthesising %s again: output %s is missing", path, missing[0])
         if reason is None:
             good.append(item)
             outputs[str(path)] = planned
+            shapes[str(path)] = ras_shape(image)
         else:
             logger.error("skipping %s: %s", path, reason)
             failed.append({"file": str(path), "reason": reason})
@@ -201,7 +424,7 @@ def screen_inputs(items: Sequence[dict], output_dir: str, source_key: str = "sou
     good = [i for i in good if str(i[source_key]) not in clashing]
     outputs = {k: v for k, v in outputs.items() if k not in clashing}
     return InferenceInputs(items=good, failed=failed, output_dir=output_dir, source_key=source_key, skipped=skipped,
-                           data_root_dir=root, outputs=outputs)
+                           data_root_dir=root, outputs=outputs, shapes=shapes)
 
 
 def inference_inputs(input_path: str | os.PathLike, output_dir: str, section: str = "test", source_key: str = "source",
@@ -275,7 +498,14 @@ class ConfidenceMapd(MapTransform):
             x = torch.cat([torch.as_tensor(d[self.condition_key]).float().to(x.device), x], dim=0)
         self.network.eval()
         with torch.no_grad():
-            logits = self.inferer(x[None].to(device), self.network)
+            try:
+                logits = self.inferer(x[None].to(device), self.network)
+            except (RuntimeError, ValueError) as e:
+                if "spatial element" not in str(e):
+                    raise
+                name = img.meta.get("filename_or_obj", "the image") if isinstance(img, MetaTensor) else "the image"
+                raise ValueError(f"{name} of spatial size {tuple(x.shape[1:])} is too small for the "
+                                 f"{type(self.network).__name__} of the confidence map ({e}).") from None
         out = torch.as_tensor(logits)[0]
         conf = torch.sigmoid(out) if self.activation == "sigmoid" else 1.0 - out.clamp(0.0, 1.0)
         conf = conf.to(torch.as_tensor(img).device)
@@ -289,6 +519,11 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, device: str 
     """Load a state dict saved by the training run into ``network`` (``weights_only=True``), with errors that name
     the file and what was expected: a missing, empty or truncated file, a 3D model in a 2D config (or the other way
     round), or a model of another size."""
+    from .checkpointing import verify_checksums
+    from .runs import check_device
+
+    if device is not None:
+        device = check_device(device)  # before the file is read: a missing GPU is not a damaged file
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{role} weights {str(path)!r} do not exist (set --{option} to the training run's "
@@ -296,6 +531,10 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, device: str 
     if path.stat().st_size == 0:
         raise ValueError(f"{role} weights {str(path)!r} are an empty file (0 bytes); expected a state dict saved "
                          "by the training run.")
+    damaged = verify_checksums(path)
+    if damaged is not None:
+        raise ValueError(f"{role} weights {str(path)!r} ({path.stat().st_size} bytes) are damaged: {damaged}. "
+                         "Use another copy of the file.")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here means the file is not a complete checkpoint

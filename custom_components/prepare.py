@@ -133,8 +133,12 @@ def screen_subject(job: dict[str, Any]) -> dict[str, Any]:
 
     ``job`` holds ``subject``, ``files`` (datalist key -> path), ``problems`` (found while looking for files),
     ``atol``, and optionally ``derive_mask`` (output path of a foreground mask ``(source > 0) | (target > 0)`` with
-    holes filled, written with the source's affine), ``ct_key`` and ``hu_min`` (a warning if that image's minimum
-    is not below ``hu_min``, i.e. it does not look like Hounsfield units).
+    holes filled, written with the source's affine; an existing file with the same mask is left untouched, and one
+    with another mask is replaced only if no other datalist uses it: ``mask_users`` names those that do),
+    ``label_values`` (the values a ``label`` may hold, e.g. the BraTS labels; a label outside them, or whose tumour
+    covers most of the mask, rejects the subject: :func:`custom_components.data.label_problems`), ``ct_key`` and
+    ``hu_min`` (a warning if that image has no voxel below ``hu_min``, i.e. no air near -1000 HU: it does not look
+    like Hounsfield units).
 
     Returns ``{"subject", "accepted", "reasons", "warnings", "files"}`` (``files`` includes the derived mask).
     """
@@ -142,7 +146,7 @@ def screen_subject(job: dict[str, Any]) -> dict[str, Any]:
 
     subject, files = job["subject"], dict(job["files"])
     reasons, warnings = list(job.get("problems", [])), []
-    keep = {"source", "target", "mask"} | ({job["ct_key"]} if job.get("ct_key") else set())
+    keep = {"source", "target", "mask", "label"} | ({job["ct_key"]} if job.get("ct_key") else set())
     arrays: dict[str, np.ndarray] = {}
     ref: tuple[str, tuple, np.ndarray] | None = None
     for key, path in files.items():
@@ -163,6 +167,7 @@ def screen_subject(job: dict[str, Any]) -> dict[str, Any]:
                            f"{np.abs(affine - ref[2]).max():.4g} (> atol {job['atol']:g})")
         if key in keep:
             arrays[key] = array
+    mask = None
     if not reasons:
         if job.get("derive_mask"):
             from scipy import ndimage
@@ -170,18 +175,69 @@ def screen_subject(job: dict[str, Any]) -> dict[str, Any]:
             mask = ndimage.binary_fill_holes((arrays["source"] > 0) | (arrays["target"] > 0))
             if not mask.any():
                 reasons.append("empty foreground: source and target are 0 everywhere (no brain voxel)")
-            else:
-                _write_mask(mask, ref[2], job["derive_mask"])  # type: ignore[index]
-                files["mask"] = job["derive_mask"]
-        elif "mask" in arrays and not (arrays["mask"] > 0).any():
-            reasons.append(f"empty mask: {files['mask']} has no foreground voxel")
+        elif "mask" in arrays:
+            mask = arrays["mask"] > 0
+            if not mask.any():
+                reasons.append(f"empty mask: {files['mask']} has no foreground voxel")
+    if not reasons and "label" in arrays:
+        from .data import label_problems
+
+        reasons += label_problems(arrays["label"], mask, files["label"], job.get("label_values"))
+    if not reasons and job.get("derive_mask"):
+        problem = _save_derived_mask(mask, ref[2], job["derive_mask"], job.get("mask_users", []))  # type: ignore[index]
+        if problem:
+            reasons.append(problem)
+        else:
+            files["mask"] = job["derive_mask"]
     ct_key = job.get("ct_key")
     if not reasons and ct_key in arrays:
         low = float(arrays[ct_key].min())
-        if low >= job.get("hu_min", -500.0):
-            warnings.append(f"{ct_key} minimum is {low:g}, not below {job.get('hu_min', -500.0):g}: "
-                            "values may not be in Hounsfield units")
+        if low >= job.get("hu_min", -900.0):
+            warnings.append(f"{ct_key} file {files[ct_key]} has no voxel near -1000 HU (air): its minimum is "
+                            f"{low:g}, not below {job.get('hu_min', -900.0):g}; values may not be in Hounsfield units "
+                            "(e.g. stored as 0..4095 without the rescale intercept)")
     return {"subject": subject, "accepted": not reasons, "reasons": reasons, "warnings": warnings, "files": files}
+
+
+def _save_derived_mask(mask: np.ndarray, affine: np.ndarray, path: str, users: Sequence[str]) -> str | None:
+    """Write the derived ``mask`` to ``path`` unless the same mask is there already; refuse (return the reason) to
+    replace a different mask that other datalists (``users``) point to."""
+    old = None
+    if Path(path).is_file():
+        try:
+            import nibabel as nib
+
+            old = np.asarray(nib.load(path).dataobj) > 0
+        except Exception:  # noqa: BLE001 - an unreadable old mask is replaced (or refused below)
+            old = None
+        if old is not None and old.shape == mask.shape and np.array_equal(old, mask):
+            return None  # the same mask: leave the file (and every datalist using it) as it is
+        if users:
+            found = f"{int(old.sum())} voxels" if old is not None else "an unreadable file"
+            return (f"derived mask {path} is used by {', '.join(users)} and holds another mask ({found}, this "
+                    f"subject's has {int(mask.sum())}); it is not replaced: prepare this datalist into another folder")
+    _write_mask(mask, affine, path)
+    return None
+
+
+def _mask_users(folder: Path, exclude: Path) -> dict[str, list[str]]:
+    """Resolved mask path -> the datalists (``*.json`` in ``folder`` other than ``exclude``) whose entries use it."""
+    users: dict[str, list[str]] = {}
+    for f in sorted(folder.glob("*.json")):
+        if f.resolve() == exclude.resolve():
+            continue
+        try:
+            content = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(content, dict):
+            continue
+        for section in SECTIONS:
+            for item in content.get(section, []) if isinstance(content.get(section), list) else []:
+                if isinstance(item, dict) and isinstance(item.get("mask"), str):
+                    path = Path(item["mask"]) if os.path.isabs(item["mask"]) else folder / item["mask"]
+                    users.setdefault(str(path.resolve()), []).append(str(f))
+    return users
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,8 +360,12 @@ def prepare_brats(root: str | os.PathLike, output: str | os.PathLike, source: st
 
     Args:
         root: folder holding one folder per subject.
-        output: datalist JSON to write; its folder also receives ``masks/<ID>_mask.nii.gz`` (BraTS has no brain
-            mask: it is derived as ``(source > 0) | (target > 0)`` with holes filled, on the source's grid).
+        output: datalist JSON to write; its folder also receives ``masks/<ID>_<a>_<b>_mask.nii.gz`` (BraTS has no
+            brain mask: it is derived as ``(source > 0) | (target > 0)`` with holes filled, on the source's grid;
+            ``a``, ``b`` are the two modalities it was derived from, sorted, so datalists of other modality pairs
+            in the same folder never share a mask file; a mask another datalist uses is never replaced by a
+            different one). Labels outside the BraTS values {0, 1, 2, 3, 4}, or marking most of the mask as
+            tumour, reject the subject.
         source, target: modality names ``t1``, ``t1ce``, ``t2``, ``flair`` (``t1n``, ``t1c``, ``t2w``, ``t2f`` in
             2023+ files).
         fractions, seed, paper_split: see :func:`split_subjects`.
@@ -326,26 +386,33 @@ def prepare_brats(root: str | os.PathLike, output: str | os.PathLike, source: st
     output = _check_output(output, overwrite)
     _check_fractions(fractions)
     label = as_flag(label, "label")
+    from .data import BRATS_LABELS
+
     jobs = []
+    users = _mask_users(output.parent, output)
+    pair = "_".join(sorted((source, target)))  # the mask is symmetric in its two modalities
     for folder in subject_dirs(root):
         files, problems = find_brats_files(folder, source, target, label=label)
-        mask_path = output.parent / "masks" / f"{folder.name}_mask.nii.gz"
+        mask_path = output.parent / "masks" / f"{folder.name}_{pair}_mask.nii.gz"
         jobs.append({"subject": folder.name, "files": files, "problems": problems, "atol": float(atol),
-                     "derive_mask": None if problems else str(mask_path)})
+                     "derive_mask": None if problems else str(mask_path), "label_values": list(BRATS_LABELS),
+                     "mask_users": users.get(str(mask_path.resolve()), [])})
     info = {"description": f"BraTS {source} -> {target}", "task": f"{source}{target}", "source_modality": source,
             "target_modality": target, "root": str(Path(root).resolve()),
-            "mask_rule": "derived: (source > 0) | (target > 0), holes filled, on the source grid"}
+            "mask_rule": f"derived: ({source} > 0) | ({target} > 0), holes filled, on the source grid; "
+                         f"masks/<ID>_{pair}_mask.nii.gz"}
     return _prepare("BraTS", jobs, output, info, fractions, seed, workers, as_flag(paper_split, "paper_split"))
 
 
 def prepare_synthrad(root: str | os.PathLike, output: str | os.PathLike,
                      fractions: Sequence[float] = (0.56, 0.17, 0.27), seed: int = 0, workers: int = 1,
-                     paper_split: bool = True, atol: float = 1e-3, hu_min: float = -500.0,
+                     paper_split: bool = True, atol: float = 1e-3, hu_min: float = -900.0,
                      overwrite: bool = False) -> dict[str, Any]:
     """Screen a SynthRAD MR -> CT folder (``<root>/<ID>/{mr,ct,mask}.nii.gz`` or ``.mha``) and write a datalist.
 
     Items are ``source`` = mr, ``target`` = ct, ``mask`` = the body mask; the datalist records ``"task": "mrct"``.
-    A CT whose minimum is not below ``hu_min`` gets a warning (not a rejection). Other arguments as in
+    A CT with no voxel below ``hu_min`` (no air near -1000 HU) gets a warning naming the file (not a rejection).
+    Other arguments as in
     :func:`prepare_brats`. ``.mha`` files need :class:`custom_components.readers.SimpleITKReader` to be loaded.
     """
     output = _check_output(output, overwrite)

@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor, NibabelWriter
+from monai.data import MetaTensor
 from monai.data import get_track_meta, set_track_meta
 from monai.transforms import Compose, InvertibleTransform, MapTransform, RandWeightedCropd
 from monai.utils import TraceKeys, fall_back_tuple
 
 __all__ = ["InvertibleIntensityWindowd", "SamplingWeightd", "SamplingTabled", "CropToSamplingRegiond",
-           "RandTableWeightedCropd", "UntrackedCompose", "VolumeWriter"]
+           "RandTableWeightedCropd", "UntrackedCompose"]
 
 
 class InvertibleIntensityWindowd(MapTransform, InvertibleTransform):
@@ -342,18 +342,3 @@ class UntrackedCompose(Compose):
             set_track_meta(before)
 
 
-
-class VolumeWriter(NibabelWriter):
-    """MONAI's NIfTI writer, keeping every spatial axis of a single-channel image, even one of size 1.
-
-    ``NibabelWriter`` (through ``SaveImaged``'s ``squeeze_end_dims``) removes all trailing axes of size 1 after
-    moving the channel last, so a 48 x 48 x 1 input is written as a 2D image that has lost its third spacing;
-    without squeezing, every output gains a fourth axis. This writer removes the channel axis only. Give it to
-    ``SaveImaged`` as ``"writer": "custom_components.transforms.VolumeWriter"``.
-    """
-
-    def set_data_array(self, data_array: Any, channel_dim: int | None = 0, squeeze_end_dims: bool = True,
-                       **kwargs: Any) -> None:
-        super().set_data_array(data_array, channel_dim=channel_dim, squeeze_end_dims=False, **kwargs)
-        if channel_dim is not None and self.data_obj.shape[-1] == 1:
-            self.data_obj = self.data_obj[..., 0]

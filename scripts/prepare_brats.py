@@ -2,8 +2,10 @@
 
 Subject folders ``<root>/<ID>/`` in 2018-2021 naming (``<ID>_t1.nii.gz``, ``_t1ce``, ``_t2``, ``_flair``,
 ``_seg``) or 2023+ naming (``<ID>-t1n.nii.gz``, ``-t1c``, ``-t2w``, ``-t2f``, ``-seg``) are detected per folder.
-Rejected subjects are printed with their reason and listed under ``"rejected"`` in the datalist; brain masks are
-written to ``<output folder>/masks/<ID>_mask.nii.gz``.
+Rejected subjects (among them labels outside the BraTS values {0, 1, 2, 3, 4}, or marking most of the brain as
+tumour) are printed with their reason and listed under ``"rejected"`` in the datalist; brain masks are written to
+``<output folder>/masks/<ID>_<a>_<b>_mask.nii.gz``, named by the two modalities they are derived from, so datalists
+of other modality pairs in one folder never share a mask file.
 
 Example::
 

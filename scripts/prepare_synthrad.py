@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 def prepare_synthrad(root: str, output: str, fractions: Sequence[float] = (0.56, 0.17, 0.27), seed: int = 0,
-                     workers: int = 1, paper_split: bool = True, atol: float = 1e-3, hu_min: float = -500.0,
+                     workers: int = 1, paper_split: bool = True, atol: float = 1e-3, hu_min: float = -900.0,
                      overwrite: bool = False) -> None:
     """Write the SynthRAD datalist ``output`` and print the screening and split report.
 
@@ -30,7 +30,7 @@ def prepare_synthrad(root: str, output: str, fractions: Sequence[float] = (0.56,
         workers: screening processes.
         paper_split: with >= 354 subjects use the 200/60/94 split (extra subjects go to test).
         atol: tolerance when comparing the affines of a subject's files.
-        hu_min: warn when a CT's minimum is not below this value (not in Hounsfield units?).
+        hu_min: warn when a CT has no voxel below this value (no air near -1000 HU: not in Hounsfield units?).
         overwrite: replace an existing datalist.
     """
     import logging

@@ -229,3 +229,256 @@ def test_random_sigkills_lose_nothing(tmp_path_factory, tmp_path):
     assert evaluator.state.metrics["val_psnr"] >= best - 1e-4
     last_run = [float(v) for v in re.findall(r"val_psnr: ([0-9.]+)", final_log)]
     assert last_run and max(last_run) <= best + 5e-5  # the log prints 4 decimals: 13.940157 shows as 13.9402
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 17: locks, clean overwrites, plain errors, inference and export killed and rerun
+
+
+def _bundle(*args, timeout=600, env=None):
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    return proc, proc.stdout + proc.stderr
+
+
+def test_a_second_training_into_a_running_one_stops_naming_the_folder_and_the_process(phantom, tmp_path):
+    """Item 2: two trainings started 3 s apart into one output_dir both exited 0, the second replacing the first's
+    checkpoints and mixing their event files."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", *_args(phantom, tmp_path), "--epochs", "100",
+           "--val_interval", "100"]
+    lock = tmp_path / "runs" / "dual_attention" / ".run.lock"
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not lock.exists() and first.poll() is None:
+            time.sleep(0.2)
+        assert lock.exists(), "the first run took no lock"
+        assert json.loads(lock.read_text())["pid"] == first.pid
+        second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    log = second.stdout + second.stderr
+    assert second.returncode != 0
+    assert f"ERROR (RunLockedError): run folder '{tmp_path.resolve()}" in log and f"in use by process {first.pid}" in log
+    assert "Traceback" not in log and "Epoch[1]" not in log
+    # the killed run's lock is stale: a resume takes it over and goes on
+    resumed, log = _bundle("run", "training", *_args(phantom, tmp_path), "--epochs", "1", "--val_interval", "1",
+                           "--overwrite", "true")
+    assert resumed.returncode == 0, log[-3000:]
+    assert f"taking over the lock left by process {first.pid}" in log
+    assert not lock.exists()  # released when the run ended
+
+
+def test_overwrite_leaves_nothing_of_the_earlier_run_and_promote_reads_only_the_new_one(phantom, tmp_path):
+    """Item 3: '--overwrite true --variant unet' over a dual_attention run kept local_discriminator.pt and the event
+    files; inference then wrote the old discriminator's map and promote shipped it with val_qa metrics of the old
+    run."""
+    import importlib.util
+
+    run = tmp_path / "run"
+    common = ["--config_file", "bundle/configs/train.json", "--bundle_root", str(tmp_path), "--dataset_dir",
+              str(phantom), "--make_phantom", "false", "--output_dir", str(run), "--model_dir", str(run / "models"),
+              "--adversarial_warmup", "0", "--attention_warmup", "0", "--patch_size", "[32,32]", "--batch_size", "1",
+              "--samples_per_volume", "1", "--epochs", "1", "--val_interval", "1", "--lr_schedule", "constant"]
+    proc, log = _bundle("run", "training", *common, "--variant", "dual_attention")
+    assert proc.returncode == 0, log[-3000:]
+    assert (run / "models" / "local_discriminator.pt").is_file()
+    old_events = sorted(run.glob("events.out.tfevents.*"))
+    time.sleep(1.1)  # event files are named by the second they were created in
+    proc, log = _bundle("run", "training", *common, "--variant", "unet", "--overwrite", "true")
+    assert proc.returncode == 0, log[-3000:]
+    models = sorted(p.name for p in (run / "models").iterdir())
+    assert models == ["error_head.pt", "error_head_final.pt", "model.pt", "model_final.pt"], models
+    assert not set(old_events) & set(run.glob("events.out.tfevents.*"))
+    assert [h["options"]["variant"] for h in json.loads((run / "checkpoints" / "run_config.json").read_text())] == ["unet"]
+
+    spec = importlib.util.spec_from_file_location("export_bundle", ROOT / "scripts" / "export_bundle.py")
+    export_bundle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export_bundle)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(ROOT / "bundle", bundle, ignore=shutil.ignore_patterns("runs", "eval", "data", "inference", "*.pt"))
+    metrics = export_bundle.promote(str(run), bundle_dir=str(bundle))
+    assert sorted(p.name for p in (bundle / "models").glob("*.pt")) == ["error_head.pt", "model.pt"]
+    assert not any(k.startswith("val_local_") for k in metrics), metrics  # only a dual_attention run has those
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_on_a_cpu_machine_is_one_plain_line(phantom, tmp_path):
+    """Item 13: a raw traceback in training, and 'the file is truncated' about the weights in inference."""
+    infer = ["run", "inferring", "--config_file", "bundle/configs/inference.json", "--input", str(phantom / "datalist.json"),
+             "--output_dir", str(tmp_path / "out"), "--device", "cuda"]
+    proc, log = _bundle(*infer)
+    assert proc.returncode != 0 and "ERROR (ValueError): --device cuda: this machine has no usable GPU" in log
+    assert "truncated" not in log and "Traceback" not in log
+    # training: checked by check_run_dirs (train.json's check_outputs passes it the device)
+    proc, log = _bundle("run", "training", *_args(phantom, tmp_path), "--epochs", "1", "--val_interval", "1", "--device", "cuda")
+    assert proc.returncode != 0 and "ERROR (ValueError): --device cuda: this machine has no usable GPU" in log
+    assert "Traceback" not in log and not (tmp_path / "runs").exists()
+
+
+def test_evaluating_before_training_is_one_plain_line_naming_the_missing_file(phantom, tmp_path):
+    """Item 14: the right message ('set --model_dir') was on line 25 of a 73-line traceback."""
+    proc, log = _bundle("run", "evaluating", "--config_file", "['bundle/configs/train.json','bundle/configs/evaluate.json']",
+                        "--bundle_root", str(tmp_path), "--dataset_dir", str(phantom), "--make_phantom", "false",
+                        "--eval_section", "test")
+    model = tmp_path / "runs" / json.loads((ROOT / "bundle" / "configs" / "train.json").read_text())["variant"] / \
+        "models" / "model.pt"
+    assert proc.returncode != 0
+    assert f"ERROR (FileNotFoundError): generator weights '{model}' do not exist (set --model_dir" in log
+    assert "Traceback" not in log
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 20 MiB file system (tmpfs): room for two checkpoints of the run below (8.2 MB each) but not three, or a
+    skip where mounting is not allowed."""
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_plain_line_and_nothing_is_lost(tmp_path, tmp_path_factory, small_disk):
+    """Item 14: disk full during a checkpoint ended in a 142-line traceback with no plain ERROR line."""
+    data = tmp_path_factory.mktemp("disk_phantom")
+    ensure_phantom(data, task="t1t2", n_train=2, n_val=1, n_test=1, shape=(32, 32, 32), seed=11)
+    proc, log = _bundle("run", "training", "--config_file", "bundle/configs/train.json", "--bundle_root", str(tmp_path),
+                        "--model_dir", str(tmp_path / "models"), "--dataset_dir", str(data), *KILL_ARGS,
+                        "--error_head_channels", "[4,4,8,8]", "--ckpt_dir", str(small_disk), "--epochs", "10")
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    error = next(line for line in lines if line.startswith("ERROR ("))
+    assert error.startswith(f"ERROR (CheckpointWriteError): could not write {small_disk}/checkpoint_")
+    assert "(the disk is full" in error or "is the disk full?" in error
+    assert "Traceback" not in log and lines[-1].startswith("(raised in custom_components/checkpointing.py")
+    saved = sorted(small_disk.glob("checkpoint_epoch=*.pt"))
+    assert saved and not list(small_disk.glob(".*"))  # earlier checkpoints kept, no partial file
+    for f in saved:
+        torch.load(f, weights_only=True)
+
+
+def _tiny_models(folder):
+    from monai.bundle import ConfigParser
+
+    from custom_components.paths import config_files
+
+    folder.mkdir(parents=True)
+    parser = ConfigParser()
+    parser.read_config(config_files(ROOT / "bundle", "infer"))
+    parser.update({"generator_channels": [4, 8, 16, 16], "error_head_channels": [4, 4, 8, 8], "device": "cpu",
+                   "save_confidence": True, "uses_error_head": True, "bundle_root": str(folder.parent)})
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def").state_dict(), folder / "model.pt")
+    torch.save(parser.get_parsed_content("error_predictor").state_dict(), folder / "error_head.pt")
+    return ["--model_dir", str(folder), "--generator_channels", "[4,8,16,16]", "--error_head_channels", "[4,4,8,8]"]
+
+
+def _writers_are_atomic(config) -> bool:
+    """Whether every SaveImaged of the inference config writes under a temporary name
+    (:class:`custom_components.inference.AtomicNibabelWriter` or a subclass): the property the kill test relies on."""
+    from pydoc import locate
+
+    from monai.bundle import ConfigParser
+
+    from custom_components.inference import AtomicNibabelWriter
+
+    parser = ConfigParser()
+    parser.read_config(config)
+    savers = [t for t in parser.get("postprocessing")["transforms"] if isinstance(t, dict) and t.get("_target_") == "SaveImaged"]
+    writers = [locate(t["writer"]) if isinstance(t.get("writer"), str) else None for t in savers]
+    return len(savers) == 2 and all(isinstance(w, type) and issubclass(w, AtomicNibabelWriter) for w in writers)
+
+
+def _readable(path):
+    import nibabel as nib
+    import numpy as np
+
+    try:
+        return bool(np.isfinite(nib.load(str(path)).get_fdata()).all())
+    except Exception:  # noqa: BLE001 - any failure to read counts as unreadable
+        return False
+
+
+def test_inference_killed_at_random_moments_then_rerun_completes_every_output(tmp_path):
+    """Item 4: SIGKILL during inference left a 0-byte *_synthetic.nii.gz that the rerun skipped as done."""
+    import random
+
+    import nibabel as nib
+    import numpy as np
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    rng = np.random.default_rng(0)
+    for n in range(6):
+        nib.save(nib.Nifti1Image((rng.random((48, 48, 32)) * 500).astype(np.float32), np.eye(4)), str(inp / f"s{n}.nii.gz"))
+    nib.save(nib.Nifti1Image(np.ones((16, 16, 16), np.float32), np.eye(4)), str(inp / "tiny.nii.gz"))  # item 9
+    config = str(ROOT / "bundle" / "configs" / "inference.json")
+    assert _writers_are_atomic(config)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "inferring", "--config_file", config, "--input", str(inp),
+           "--output_dir", str(out), *_tiny_models(tmp_path / "models"), "--patch_size", "[32,32]"]
+    finals = [out / f"s{n}_{kind}.nii.gz" for n in range(6) for kind in ("synthetic", "confidence")]
+    rnd, kills = random.Random(1), 0
+    for attempt in range(6):
+        with open(tmp_path / f"log{attempt}.txt", "w") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            deadline = time.time() + 300
+            while time.time() < deadline and proc.poll() is None and "inference 1/" not in \
+                    (tmp_path / f"log{attempt}.txt").read_text():
+                time.sleep(0.05)
+            time.sleep(rnd.uniform(0.0, 1.5))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            proc.wait(timeout=120)
+        # whatever moment the kill hit, no file under a final name is incomplete
+        assert all(_readable(f) for f in finals if f.exists()), [f.name for f in finals if f.exists() and not _readable(f)]
+        if all(f.exists() for f in finals):
+            break
+    assert kills >= 2
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    log = rerun.stdout + rerun.stderr
+    assert rerun.returncode != 0 and "1 of 7 input(s) could not be synthesised" in log  # only the tiny one
+    summary = json.loads((out / "inference_summary.json").read_text())
+    assert [Path(f["file"]).name for f in summary["failed"]] == ["tiny.nii.gz"]
+    assert "its slices are 16 x 16 voxels" in summary["failed"][0]["reason"]
+    done = sorted(Path(f).name for f in summary["synthesised"]) + sorted(Path(f["file"]).name for f in summary["skipped"])
+    assert sorted(done) == [f"s{n}.nii.gz" for n in range(6)]
+    assert all(_readable(f) for f in finals)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_export_killed_at_random_moments_then_rerun_completes(tmp_path):
+    """Item 4 (and 5): SIGKILL during `export_bundle.py export`, then a rerun that completes the release."""
+    import random
+    import zipfile
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(ROOT / "bundle", bundle, ignore=shutil.ignore_patterns("runs", "eval", "data", "inference"))
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    out = tmp_path / "release"
+    final_zip, final_dir = out / f"{meta['name']}_v{meta['version']}.zip", out / meta["name"]
+    cmd = [sys.executable, "scripts/export_bundle.py", "export", "--output_dir", str(out), "--bundle_dir", str(bundle)]
+    rnd, kills = random.Random(2), 0
+    for _ in range(4):
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not any(out.glob(".*")):
+            time.sleep(0.005)
+        time.sleep(rnd.uniform(0.0, 0.3))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait(timeout=60)
+        if final_zip.exists():  # a complete release, or nothing, under the final names
+            assert zipfile.ZipFile(final_zip).testzip() is None and final_dir.is_dir()
+            break
+    assert kills >= 1
+    proc = subprocess.run(cmd + (["--overwrite", "true"] if final_zip.exists() else []), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert zipfile.ZipFile(final_zip).testzip() is None and (final_dir / "models" / "model.pt").is_file()
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []

@@ -160,3 +160,90 @@ def test_apply_changes_sets_the_new_learning_rate_on_the_restored_optimizer(tmp_
     assert new_opt.param_groups[0]["lr"] == 1e-3  # restored as checkpointed
     ResumeLoader(tmp_path, {"net": net, "opt": new_opt, "trainer": engine2}, apply_changes=True)(engine2)
     assert new_opt.param_groups[0]["lr"] == 1e-5 and engine2.state.epoch == 1
+
+
+def _change_bytes_inside(path, record_suffix="data/0"):
+    """Overwrite 16 bytes in the middle of one tensor record of a torch.save file, as a bad disk or copy would."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(record_suffix))
+    data = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size // 2
+    data[start:start + 16] = bytes(255 - b for b in data[start:start + 16])
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_whose_bytes_changed_is_ignored_and_the_previous_one_resumed(tmp_path, caplog):
+    """Issue 17, item 13: a checkpoint with random bytes in the middle loaded without complaint (loss_critic nan)."""
+    import logging
+
+    from custom_components.checkpointing import checkpoint_iterations, verify_checksums
+
+    saver = AtomicDiskSaver(tmp_path)
+    for epoch in (1, 2):
+        saver({"trainer": {"iteration": 2 * epoch, "epoch": epoch, "epoch_length": 2},
+               "generator": {"w": torch.full((4096,), float(epoch))}}, f"checkpoint_epoch={epoch}.pt")
+    latest = tmp_path / "checkpoint_epoch=2.pt"
+    assert verify_checksums(latest) is None
+    _change_bytes_inside(latest)
+    torch.load(latest, weights_only=True)  # PyTorch itself loads it without a word
+    assert "does not match the CRC-32 checksum" in verify_checksums(latest)
+    with caplog.at_level(logging.WARNING, logger="custom_components.checkpointing"):
+        assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=1.pt")  # falls back, as for a truncated one
+    assert f"checkpoint {latest} is damaged and is ignored" in caplog.text
+    assert [e for _, e, _ in checkpoint_iterations(tmp_path)] == [1]
+
+
+def test_damaged_weights_are_named_at_inference(tmp_path):
+    from custom_components.inference import load_weights
+
+    net = torch.nn.Linear(64, 64)
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    _change_bytes_inside(tmp_path / "model.pt")
+    with pytest.raises(ValueError, match=r"model.pt' \(\d+ bytes\) are damaged: record .* does not match the CRC-32"):
+        load_weights(torch.nn.Linear(64, 64), tmp_path / "model.pt")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_missing_gpu_is_not_blamed_on_the_weight_file(tmp_path):
+    """Issue 17, item 13: inference with --device cuda said the weights were truncated."""
+    from custom_components.inference import load_weights
+
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="--device cuda: this machine has no usable GPU") as e:
+        load_weights(torch.nn.Linear(2, 2), tmp_path / "model.pt", device="cuda")
+    assert "truncated" not in str(e.value)
+
+
+def test_a_full_disk_during_a_save_is_one_plain_error_naming_the_file_and_nothing_is_lost(tmp_path, monkeypatch):
+    """Issue 17, item 14: disk full during a checkpoint ended in a 142-line traceback and no plain ERROR line."""
+    import errno
+
+    from custom_components.checkpointing import CheckpointWriteError
+    from custom_components.errors import format_project_error
+
+    saver = AtomicDiskSaver(tmp_path)
+    saver({"w": torch.ones(3)}, "checkpoint_epoch=1.pt")
+    real = torch.save
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b"the first half of a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointWriteError) as e:
+        saver({"w": torch.zeros(3)}, "checkpoint_epoch=2.pt")
+    monkeypatch.setattr(torch, "save", real)
+    path = tmp_path / "checkpoint_epoch=2.pt"
+    assert str(e.value).startswith(f"could not write {path} (the disk is full; ")
+    assert "Nothing was lost" in str(e.value) and "--resume true" in str(e.value)
+    report = format_project_error(e.value)
+    assert report.startswith("ERROR (CheckpointWriteError): could not write ") and report.count("\n") == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=1.pt"]  # no partial file, old one kept
+    assert torch.load(tmp_path / "checkpoint_epoch=1.pt", weights_only=True)["w"].eq(1).all()
+    # a failure without an errno (PyTorch's zip writer) still names the file and the folder
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(
+        "[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file write failed")))
+    with pytest.raises(CheckpointWriteError, match=r"\(the write failed: is the disk full\?; .* MiB free in "):
+        AtomicDiskSaver(tmp_path, "model.pt")({"w": torch.zeros(3)}, "x.pt")

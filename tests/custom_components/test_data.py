@@ -171,3 +171,45 @@ def test_prepare_phantom_runs_only_when_switched_on(tmp_path, monkeypatch):
     assert calls == [(tmp_path, {"task": "t1t2", "n_train": 2})]
     with pytest.raises(ValueError, match="make_phantom must be true or false"):
         prepare_phantom(tmp_path, {}, enabled="sometimes")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 17, item 8: labels and units
+
+
+def test_labels_that_are_not_classes_or_cover_the_mask_are_refused_naming_subject_and_file(subjects):
+    """Labels holding {7, 255, -1, 0.5} trained silently; a background coded 1 gave psnr_tumour = psnr_volume."""
+    from custom_components.data import BRATS_LABELS
+
+    odd = np.zeros((8, 8, 4))
+    odd[0, 0, 0], odd[0, 1, 0], odd[0, 2, 0], odd[0, 3, 0] = 7, 255, -1, 0.5
+    _write(subjects[0]["label"], odd)
+    background_one = np.ones((8, 8, 4))
+    background_one[2:4, 2:4, 1:3] = 2
+    _write(subjects[1]["label"], background_one)
+    with pytest.raises(DatalistError) as e:
+        check_datalist(subjects, label_values=BRATS_LABELS)
+    msg = str(e.value)
+    assert f"subject s0: label file {subjects[0]['label']} holds 2 value(s) that are not class numbers (-1, 0.5)" in msg
+    assert f"subject s0: label file {subjects[0]['label']} holds value(s) 7, 255 outside {{0, 1, 2, 3, 4}}" in msg
+    assert f"subject s1: label file {subjects[1]['label']} marks 100% of the image as tumour" in msg
+    with pytest.raises(DatalistError, match="not class numbers"):  # without the BraTS values: still no class numbers
+        check_datalist(subjects)
+
+
+def test_a_brats_or_phantom_datalist_checks_labels_and_a_ct_datalist_checks_units(subjects, tmp_path, caplog):
+    import logging
+
+    _write(subjects[0]["label"], np.full((8, 8, 4), 0.0) + (np.arange(8)[:, None, None] == 3) * 7)
+    (tmp_path / "dl.json").write_text(json.dumps({"task": "t1t2", "training": subjects}))
+    with pytest.raises(DatalistError, match=r"subject s0: label file .* holds value\(s\) 7 outside"):
+        checked_datalist(tmp_path / "dl.json", "training")
+    _write(subjects[0]["label"], np.zeros((8, 8, 4)))
+    for s in subjects:
+        _write(s["target"], np.random.default_rng(1).random((8, 8, 4)) * 4095)  # CT stored 0..4095, not HU
+    _write(subjects[1]["target"], np.random.default_rng(1).random((8, 8, 4)) * 4000 - 1024)  # this one is HU
+    (tmp_path / "ct.json").write_text(json.dumps({"task": "mrct", "training": subjects}))
+    with caplog.at_level(logging.WARNING, logger="custom_components.data"):
+        checked_datalist(tmp_path / "ct.json", "training")
+    assert f"subject s0: CT file {subjects[0]['target']} has no voxel near -1000 HU (air)" in caplog.text
+    assert "subject s1" not in caplog.text

@@ -78,3 +78,26 @@ def test_project_errors_are_reported_plainly_first():
     assert text.startswith("ERROR (DatalistError): datalist: the list of subjects is empty.")
     assert "custom_components/data.py" in text and "ConfigExpression" not in text
     assert format_project_error(RuntimeError("not ours")) is None
+
+
+def test_an_error_raised_from_none_is_reported_not_the_one_it_replaced(tmp_path):
+    """Issue 17, item 2: the lock refusal (raised "from None" while handling flock's BlockingIOError) was reported as
+    'BlockingIOError: Resource temporarily unavailable'."""
+    import subprocess
+    import sys
+
+    from custom_components.runs import RunLockedError, lock_run_dir
+
+    code = ("import sys, time; from custom_components.runs import lock_run_dir; lock_run_dir(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(60)")
+    other = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError) as e:
+            lock_run_dir(tmp_path)
+    finally:
+        other.kill()
+        other.wait()
+    report = errors.format_project_error(e.value)
+    assert report.startswith(f"ERROR (RunLockedError): run folder '{tmp_path}' (--output_dir) is in use by process "
+                             f"{other.pid}")

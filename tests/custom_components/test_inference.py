@@ -43,7 +43,7 @@ def test_confidence_output_is_planned_only_when_switched_on(folder, tmp_path, sa
 def test_overwrite_switch_given_as_text(folder, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "a_synthetic.nii.gz").write_bytes(b"earlier run")
+    nib.save(nib.Nifti1Image(np.zeros((6, 5, 4), np.float32), np.eye(4)), str(out / "a_synthetic.nii.gz"))  # earlier run
     kept = inference_inputs(folder, str(out), overwrite="false")
     assert [Path(s["file"]).name for s in kept.skipped] == ["a.nii.gz"] and sorted(_planned(kept)) == ["b.nii.gz"]
     redo = inference_inputs(folder, str(out), overwrite="true")
@@ -104,3 +104,135 @@ def test_error_activation_turns_a_predicted_error_into_one_minus_the_error():
     assert torch.allclose(sig["confidence"], torch.sigmoid(torch.tensor(0.3)).expand(1, 8, 8))
     with pytest.raises(ValueError, match="activation"):
         ConfidenceMapd("pred", head, activation="softmax")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 17, items 4 and 9
+
+
+def _nii(path, shape=(6, 5, 4), value=1.0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.full(shape, value, np.float32), np.eye(4)), str(path))
+
+
+def test_an_input_is_skipped_only_when_every_output_exists_and_can_be_read(folder, tmp_path):
+    """Issue 17, item 4: a 0-byte output left by a kill, or a synthetic image without its confidence map, was
+    skipped as done."""
+    out = tmp_path / "out"
+    _nii(out / "a_synthetic.nii.gz")  # the confidence map of a is missing
+    (out / "b_synthetic.nii.gz").parent.mkdir(parents=True, exist_ok=True)
+    (out / "b_synthetic.nii.gz").write_bytes(b"")  # killed while writing
+    _nii(out / "b_confidence.nii.gz")
+    inputs = inference_inputs(folder, str(out), save_confidence=True)
+    assert inputs.skipped == [] and sorted(_planned(inputs)) == ["a.nii.gz", "b.nii.gz"]
+    _nii(out / "a_confidence.nii.gz")
+    _nii(out / "b_synthetic.nii.gz")
+    again = inference_inputs(folder, str(out), save_confidence=True)
+    assert sorted(Path(s["file"]).name for s in again.skipped) == ["a.nii.gz", "b.nii.gz"] and again.items == []
+    assert "exists and can be read" in again.skipped[0]["reason"]
+
+
+def test_outputs_are_written_under_a_temporary_name_and_renamed_when_complete(tmp_path, monkeypatch):
+    """Issue 17, item 4: a kill during a write left a truncated file under the output's final name."""
+    import torch
+    from monai.data import MetaTensor
+
+    from custom_components.inference import AtomicNibabelWriter, partial_name, remove_partial_outputs
+
+    final = tmp_path / "out" / "case" / "t1_synthetic.nii.gz"
+    image = MetaTensor(torch.rand(1, 6, 5, 4), affine=torch.eye(4))
+
+    def write():
+        writer = AtomicNibabelWriter()
+        writer.set_data_array(image, channel_dim=0)
+        writer.set_metadata({"affine": image.affine, "original_affine": image.affine})
+        writer.write(str(final))
+
+    real = nib.save
+
+    def killed(img, filename):
+        Path(filename).write_bytes(b"\x1f\x8b half a gzip stream")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nib, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write()
+    assert not final.exists() and list(final.parent.iterdir()) == []  # nothing under the final name, no leftover
+    monkeypatch.setattr(nib, "save", real)
+    write()
+    assert nib.load(str(final)).shape == (6, 5, 4) and [p.name for p in final.parent.iterdir()] == [final.name]
+    assert partial_name(final, 123).name == ".t1_synthetic.partial-123.nii.gz"
+    leftover = partial_name(final, 2 ** 22 + 12345)  # a process id no process has: a killed run's file
+    leftover.write_bytes(b"partial")
+    assert remove_partial_outputs(final) == [leftover] and not leftover.exists()
+
+
+def _evaluator(items, out, root, fail_on):
+    """A MONAI evaluator as inference.json builds one (data set over the screened items, SaveImaged after the
+    network), whose preprocessing raises for the input named ``fail_on``."""
+    import torch
+    from monai.data import DataLoader, Dataset
+    from monai.engines import SupervisedEvaluator
+    from monai.transforms import Compose, EnsureChannelFirstd, Lambdad, LoadImaged, SaveImaged
+
+    from custom_components.data import PrepareSourceTarget
+
+    def check(x):
+        if fail_on in str(x.meta["filename_or_obj"]):
+            raise ValueError(f"cannot use {Path(x.meta['filename_or_obj']).name}")
+        return x
+
+    pre = Compose([LoadImaged("source", image_only=True), EnsureChannelFirstd("source"), Lambdad("source", check)])
+    post = Compose([SaveImaged("pred", output_dir=str(out), output_postfix="synthetic", separate_folder=False,
+                               data_root_dir=root, print_log=False,
+                               writer="custom_components.inference.AtomicNibabelWriter")])
+    loader = DataLoader(Dataset(items, pre), batch_size=1, num_workers=0)
+    return SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=loader, network=torch.nn.Identity(),
+                               prepare_batch=PrepareSourceTarget("source", None), postprocessing=post)
+
+
+def test_each_input_succeeds_or_fails_on_its_own_with_its_own_error(tmp_path):
+    """Issue 17, item 9: after one input failed, every later input was marked failed with the same error."""
+    from custom_components.inference import InferenceError
+
+    for name in ("a", "b", "c"):
+        _nii(tmp_path / "in" / f"{name}.nii.gz", shape=(8, 8, 4))
+    out = tmp_path / "out"
+    inputs = inference_inputs(tmp_path / "in", str(out))
+    with pytest.raises(InferenceError) as e:
+        inputs.run(_evaluator(inputs.items, out, inputs.data_root_dir, fail_on="b.nii"))
+    assert "1 of 3 input(s) could not be synthesised" in str(e.value)
+    summary = json.loads((out / "inference_summary.json").read_text())
+    assert [Path(f).name for f in summary["synthesised"]] == ["a.nii.gz", "c.nii.gz"]
+    (failed,) = summary["failed"]
+    assert Path(failed["file"]).name == "b.nii.gz"
+    assert failed["reason"] == "ValueError in Lambdad: cannot use b.nii.gz"  # its own error, not a Compose object
+    assert sorted(p.name for p in out.iterdir()) == ["a_synthetic.nii.gz", "c_synthetic.nii.gz",
+                                                     "inference_summary.json"]
+
+
+def test_inputs_too_small_for_the_networks_are_set_aside_before_any_work(tmp_path):
+    """Issue 17, item 9: a 16^3 volume crashed the confidence map (an instance norm of one element)."""
+    from ignite.engine import Events
+
+    from custom_components.inference import InferenceError, slice_size_problem
+    from custom_components.inferers import WholeSliceInferer
+
+    inferer = WholeSliceInferer(divisor=16)
+    assert "16 x 16 voxels" in slice_size_problem((16, 16, 16), inferer)
+    assert "at least 17 voxels" in slice_size_problem((9, 16, 40), inferer)
+    assert slice_size_problem((17, 16, 3), inferer) is None and slice_size_problem((16, 16, 16), None) is None
+    _nii(tmp_path / "in" / "tiny.nii.gz", shape=(16, 16, 16))
+    _nii(tmp_path / "in" / "ok.nii.gz", shape=(32, 16, 4))
+    out = tmp_path / "out"
+    inputs = inference_inputs(tmp_path / "in", str(out))
+    assert inputs.shapes == {str(tmp_path / "in" / "ok.nii.gz"): (32, 16, 4),
+                             str(tmp_path / "in" / "tiny.nii.gz"): (16, 16, 16)}
+    evaluator = _evaluator(inputs.items, out, inputs.data_root_dir, fail_on="nothing")
+    evaluator.inferer = inferer
+    seen = []
+    evaluator.add_event_handler(Events.ITERATION_STARTED,
+                                lambda e: seen.append(Path(e.state.batch["source"].meta["filename_or_obj"][0]).name))
+    with pytest.raises(InferenceError, match="tiny.nii.gz: its slices are 16 x 16 voxels"):
+        inputs.run(evaluator)
+    assert seen == ["ok.nii.gz"]  # the tiny volume never reached the networks

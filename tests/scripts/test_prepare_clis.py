@@ -103,9 +103,9 @@ def test_brats_cli_writes_datalist_with_split_and_rejections(brats):
         assert sid in result.stdout and words in result.stdout  # printed in the report
     item = next(i for i in datalist["training"] if i["subject"].startswith("BraTS-GLI"))
     assert item["source"].endswith("-t1n.nii.gz") and item["target"].endswith("-t2w.nii.gz")
-    assert item["label"].endswith("-seg.nii.gz") and item["mask"] == f"masks/{item['subject']}_mask.nii.gz"
+    assert item["label"].endswith("-seg.nii.gz") and item["mask"] == f"masks/{item['subject']}_t1_t2_mask.nii.gz"
     for sid in BROKEN_BRATS:
-        assert not (out.parent / "masks" / f"{sid}_mask.nii.gz").exists()
+        assert not list((out.parent / "masks").glob(f"{sid}_*mask.nii.gz"))
     assert sorted(p.name for p in root.iterdir()) == sorted(good + list(BROKEN_BRATS))  # input left alone
 
 
