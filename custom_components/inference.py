@@ -26,12 +26,13 @@ from monai.data.utils import create_file_basename
 from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import MapTransform
 
+from .data import ras_shape, slice_size_problem
 from .options import as_flag
 from .runs import check_writable
 
 __all__ = [
     "AtomicNibabelWriter", "ConfidenceMapd", "InferenceError", "InferenceInputs", "collect_inputs", "common_root",
-    "confidence_condition_key", "inference_inputs", "input_root", "ras_shape", "screen_inputs", "slice_size_problem",
+    "confidence_condition_key", "inference_inputs", "input_root", "screen_inputs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -113,44 +114,6 @@ class AtomicNibabelWriter(NibabelWriter):
             raise
         if verbose:
             logger.info("written: %s", path)
-
-
-def ras_shape(image: Any) -> tuple[int, ...]:
-    """Spatial shape of a loaded 3D ``image`` (a MONAI ``MetaTensor`` without channel axis, or with a trailing one)
-    after ``Orientationd(axcodes="RAS")``, the axes the networks see at inference."""
-    import nibabel as nib
-    import numpy as np
-
-    shape = tuple(int(s) for s in image.shape[:3])
-    affine = np.asarray(getattr(image, "affine", np.eye(4)), dtype=np.float64)
-    try:
-        ornt = nib.orientations.io_orientation(affine)
-    except Exception:  # noqa: BLE001 - a degenerate affine: MONAI keeps the axes as they are
-        return shape
-    out = list(shape)
-    for axis, (target, _) in enumerate(ornt):
-        if not np.isnan(target):
-            out[int(target)] = shape[axis]
-    return tuple(out)
-
-
-def slice_size_problem(shape: Sequence[int], inferer: Any) -> str | None:
-    """Why a volume of RAS ``shape`` is too small for the networks run by ``inferer``, or ``None``.
-
-    A :class:`~custom_components.inferers.WholeSliceInferer` pads each slice to a multiple of its ``divisor`` (the
-    networks' total stride); at their deepest level the networks then see one element per ``divisor`` voxels, and
-    their instance normalisation needs at least two. A slice covering a single cell (16 x 16 with divisor 16) fails
-    there. Window inferers pad every window to ``roi_size`` (checked by ``check_patch_size``): no constraint here.
-    """
-    divisor, spatial_dim = getattr(inferer, "divisor", None), getattr(inferer, "spatial_dim", None)
-    if not divisor or spatial_dim is None or len(shape) != 3:
-        return None
-    plane = [int(s) for i, s in enumerate(shape) if i != spatial_dim]
-    if math.prod(math.ceil(s / divisor) for s in plane) >= 2:
-        return None
-    return (f"its slices are {plane[0]} x {plane[1]} voxels (axes of the RAS volume {tuple(shape)}), too small for "
-            f"the networks: they reduce a slice by {divisor} and need at least 2 elements there, so one in-plane size "
-            f"must be at least {divisor + 1} voxels")
 
 
 def collect_inputs(input_path: str | os.PathLike, section: str = "test", source_key: str = "source") -> list[dict]:
@@ -406,7 +369,7 @@ def screen_inputs(items: Sequence[dict], output_dir: str, source_key: str = "sou
         if reason is None:
             good.append(item)
             outputs[str(path)] = planned
-            shapes[str(path)] = ras_shape(image)
+            shapes[str(path)] = ras_shape(image.shape, getattr(image, "affine", None))
         else:
             logger.error("skipping %s: %s", path, reason)
             failed.append({"file": str(path), "reason": reason})

@@ -90,3 +90,24 @@ def test_ids_of_every_loaded_config_file_are_options_even_outside_the_bundle(tmp
                       str(tmp_path / "missing.json"), "--output_dir", str(tmp_path / "out")], tmp_path)
     assert code != 0 and "is neither a datalist .json file nor a folder" in out, out[-2000:]  # got past the check
     assert "not an option" not in out
+
+
+def test_a_validation_volume_too_small_for_ssim_is_refused_at_start_naming_the_subject(tmp_path):
+    """Issue 17, item 10: a 1-slice validation volume failed in SSIM at the first validation, after the warm-up."""
+    import nibabel as nib
+    import numpy as np
+
+    from custom_components.phantom_dataset import ensure_phantom
+
+    data = tmp_path / "data"
+    ensure_phantom(data, task="t1t2", n_train=1, n_val=1, n_test=1, shape=(32, 32, 32), seed=2)
+    val = json.loads((data / "datalist.json").read_text())["validation"][0]
+    for key, path in val.items():  # every image of the subject, so that they still agree with each other
+        if isinstance(path, str) and path.endswith(".nii.gz"):
+            nib.save(nib.Nifti1Image(np.ones((32, 32, 1), np.float32) * (key != "label"), np.eye(4)), str(data / path))
+    with pytest.raises(Exception) as raised:
+        _run_in_process(tmp_path, make_phantom=False, patch_size=[32, 32])
+    error = project_error(raised.value)
+    assert "validation list: 1 volume(s) too small" in str(error)
+    assert f"subject {val['subject']}" in str(error) and "every axis needs at least 11" in str(error)
+    assert not (tmp_path / "run").exists()

@@ -213,3 +213,28 @@ def test_a_brats_or_phantom_datalist_checks_labels_and_a_ct_datalist_checks_unit
         checked_datalist(tmp_path / "ct.json", "training")
     assert f"subject s0: CT file {subjects[0]['target']} has no voxel near -1000 HU (air)" in caplog.text
     assert "subject s1" not in caplog.text
+
+
+def test_volumes_too_small_for_whole_volume_validation_are_named_from_their_headers(tmp_path):
+    """Issue 17, item 10: a 48 x 48 x 1 validation volume failed in SSIM, a 16^3 one in the networks' deepest
+    normalisation, both at the first validation (after the whole warm-up) without naming the subject."""
+    import nibabel as nib
+
+    from custom_components.data import DatalistError, check_volume_sizes
+    from custom_components.inferers import WholeSliceInferer
+
+    items = []
+    for name, shape in (("ok", (48, 48, 12)), ("slice", (48, 48, 1)), ("cube", (16, 16, 16)), ("thin", (10, 64, 64))):
+        path = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), np.eye(4)), str(path))
+        items.append({"subject": name, "source": str(path)})
+    inferer = WholeSliceInferer(sw_batch_size=4, divisor=16)
+    check_volume_sizes(items[:1], inferer)
+    with pytest.raises(DatalistError) as raised:
+        check_volume_sizes(items, inferer, name="validation list")
+    text = str(raised.value)
+    assert text.startswith("validation list: 3 volume(s) too small")
+    assert "subject slice:" in text and "48 x 48 x 1 voxels; every axis needs at least 11" in text
+    assert "subject thin:" in text and "subject ok" not in text
+    with pytest.raises(DatalistError, match="subject cube: .*its slices are 16 x 16 voxels"):
+        check_volume_sizes([items[2]], inferer, min_size=1)

@@ -215,7 +215,8 @@ def test_inputs_too_small_for_the_networks_are_set_aside_before_any_work(tmp_pat
     """Issue 17, item 9: a 16^3 volume crashed the confidence map (an instance norm of one element)."""
     from ignite.engine import Events
 
-    from custom_components.inference import InferenceError, slice_size_problem
+    from custom_components.data import slice_size_problem
+    from custom_components.inference import InferenceError
     from custom_components.inferers import WholeSliceInferer
 
     inferer = WholeSliceInferer(divisor=16)
