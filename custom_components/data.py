@@ -233,28 +233,46 @@ def require_keys(items: Sequence[dict], keys: Sequence[str], name: str = "datali
     return items
 
 
-def check_patch_size(patch_size: Sequence[int], spatial_dims: int, strides: Mapping[str, Sequence[int] | int]) -> None:
-    """The patch must have ``spatial_dims`` sizes, each a multiple of every network's total stride.
+def _axis_strides(strides: Sequence[Any] | int, ndim: int) -> list[int]:
+    """Total stride along each of ``ndim`` axes of a network whose levels have ``strides`` (one int per level, or a
+    per-axis sequence per level, as MONAI's UNet takes them), or of a given total stride (an int)."""
+    if isinstance(strides, (int, np.integer)):
+        return [int(strides)] * ndim
+    totals = [1] * ndim
+    for level in strides:
+        per_axis = [int(level)] * ndim if isinstance(level, (int, np.integer)) else [int(v) for v in level]
+        if len(per_axis) != ndim:
+            raise ValueError(f"a per-axis stride {list(level)} has {len(per_axis)} entries, expected {ndim}.")
+        totals = [t * v for t, v in zip(totals, per_axis)]
+    return totals
 
-    ``strides`` maps a network name to its strides (multiplied) or its total stride.
+
+def check_patch_size(patch_size: Sequence[int], spatial_dims: int, strides: Mapping[str, Sequence[int] | int]) -> None:
+    """The patch must have ``spatial_dims`` sizes, each a multiple of every network's total stride along its axis.
+
+    ``strides`` maps a network name to its strides (one per level, each an int or a per-axis sequence) or its total
+    stride.
     """
     if len(patch_size) != spatial_dims:
         raise ValueError(f"patch_size {list(patch_size)} has {len(patch_size)} sizes, expected {spatial_dims} "
                          f"(spatial_dims is {spatial_dims}).")
     for net, st in strides.items():
-        total = int(np.prod(st)) if isinstance(st, (list, tuple)) else int(st)
-        bad = [int(p) for p in patch_size if int(p) % total]
+        totals = _axis_strides(st, len(patch_size))
+        bad = [int(p) for p, t in zip(patch_size, totals) if int(p) % t]
         if bad:
+            shown = totals[0] if len(set(totals)) == 1 else totals
             raise ValueError(
-                f"patch_size {list(patch_size)}: {bad} not a multiple of {total}, the total stride of the {net} "
-                f"(each size must be divisible by {total}, e.g. {[max(total, int(p) // total * total) for p in patch_size]})."
+                f"patch_size {list(patch_size)}: {bad} not a multiple of {shown}, the total stride of the {net} "
+                f"(each size must be divisible by its axis's stride, e.g. "
+                f"{[max(t, int(p) // t * t) for p, t in zip(patch_size, totals)]})."
             )
-        deepest = [int(p) // total for p in patch_size]
+        deepest = [int(p) // t for p, t in zip(patch_size, totals)]
         if int(np.prod(deepest)) < 2:  # instance/batch norm of one element per channel fails in training
             raise ValueError(
                 f"patch_size {list(patch_size)}: the {net} reduces it to {' x '.join(map(str, deepest))} at its deepest "
-                f"level (total stride {total}), where normalisation has a single element; make one size at least "
-                f"{2 * total} (e.g. {[2 * total] + [int(p) for p in patch_size[1:]]})."
+                f"level (total stride {totals[0] if len(set(totals)) == 1 else totals}), where normalisation has a "
+                f"single element; make one size at least {2 * totals[0]} "
+                f"(e.g. {[2 * totals[0]] + [int(p) for p in patch_size[1:]]})."
             )
 
 

@@ -238,3 +238,16 @@ def test_volumes_too_small_for_whole_volume_validation_are_named_from_their_head
     assert "subject thin:" in text and "subject ok" not in text
     with pytest.raises(DatalistError, match="subject cube: .*its slices are 16 x 16 voxels"):
         check_volume_sizes([items[2]], inferer, min_size=1)
+
+
+def test_patch_size_is_checked_against_each_axis_s_own_stride():
+    """Issue 20: per-axis strides ((2, 2, 1) per level, as MONAI's UNet takes them) were multiplied over all axes
+    and levels, so an anisotropic network's patch was judged against a wrong total stride."""
+    from custom_components.data import check_patch_size
+
+    anisotropic = [(2, 2, 1), (2, 2, 1), (2, 2, 2)]  # totals: 8, 8 and 2
+    check_patch_size([64, 64, 6], 3, {"generator": anisotropic})
+    with pytest.raises(ValueError, match=r"\[5\] not a multiple of \[8, 8, 2\]"):
+        check_patch_size([64, 64, 5], 3, {"generator": anisotropic})
+    with pytest.raises(ValueError, match="has 2 entries, expected 3"):
+        check_patch_size([64, 64, 6], 3, {"generator": [(2, 2)]})
