@@ -311,6 +311,13 @@ def _train_times(output_dir: Path, arms: list[str], seeds: list[int]) -> dict[st
     return out
 
 
+def default_arms() -> dict[str, dict]:
+    """The arms of an ablation run without ``--arms``: every variant of the package, ``{variant: {"variant": variant}}``."""
+    from custom_components import all_variants
+
+    return {v: {"variant": v} for v in all_variants()}
+
+
 def main(output_dir: str = "ablation", arms: dict | None = None, seeds: list | tuple = (0,), epochs: int = 40,
          reference: str = "dual_attention", dataset_dir: str | None = None, phantom: dict | None = None,
          overrides: dict | None = None, workers: int = 1, aggregate_only: bool = False,
@@ -334,10 +341,8 @@ def main(output_dir: str = "ablation", arms: dict | None = None, seeds: list | t
     import csv
     from concurrent.futures import ThreadPoolExecutor
 
-    from custom_components import all_variants
-
     out = Path(output_dir).resolve()
-    arms = arms or {v: {"variant": v} for v in all_variants()}
+    arms = arms or default_arms()
     if not isinstance(arms, dict) or not arms:
         raise ValueError(f"arms must be a non-empty dict name -> overrides, got {arms!r}.")
     if reference not in arms:

@@ -48,29 +48,37 @@ def test_aggregate_statistics_by_hand(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_default_arms_are_every_variant():
+    assert ablation.default_arms() == {v: {"variant": v} for v in all_variants()}
+
+
+ARMS = ["unet", "dual_attention", "error_weighted"]  # three arms keep the end-to-end test short (each is 3 bundle runs)
+
+
 def test_ablation_cli_end_to_end_tiny(tmp_path):
     cmd = [sys.executable, "scripts/ablation.py", "--output_dir", str(tmp_path), "--epochs", "1",
+           "--arms", "{" + ",".join(f"'{a}':{{'variant':'{a}'}}" for a in ARMS) + "}",
            "--phantom", "{'task':'t1t2','n_train':2,'n_val':1,'n_test':3,'shape':[48,48,32],'seed':0}",
            "--overrides", "{'patch_size':[32,32],'generator_channels':[4,8,16,16],'local_channels':[4,4,8,8],"
            "'batch_size':1,'samples_per_volume':2,'val_interval':1,'adversarial_warmup':0,'attention_warmup':0}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     md = (tmp_path / "ablation.md").read_text()
-    for v in all_variants():
+    for v in ARMS:
         assert f"| {v} |" in md
     with open(tmp_path / "ablation.csv") as f:
         rows = list(csv.DictReader(f))
-    # the default arms: every variant of the package, evaluated with the selected and with the final weights
-    assert [r["arm"] for r in rows if r["weights"] == "selected"] == all_variants()
-    assert [r["arm"] for r in rows if r["weights"] == "final"] == all_variants()
+    # every arm, evaluated with the selected and with the final weights
+    assert [r["arm"] for r in rows if r["weights"] == "selected"] == ARMS
+    assert [r["arm"] for r in rows if r["weights"] == "final"] == ARMS
     assert "## Final weights (`model_final.pt`" in md
-    for v in all_variants():
+    for v in ARMS:
         assert (tmp_path / v / "seed_0" / "eval_final" / "metrics.csv").is_file()
     assert all(r["n_subjects"] == "3" for r in rows)
     assert all(r["psnr_tumour_p_vs_ref"] != "" for r in rows if r["arm"] != "dual_attention")
     # finished runs are reused
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("done already") == len(all_variants())
+    assert again.returncode == 0 and again.stdout.count("done already") == len(ARMS)
 
 
 def _runs(values_by_seed):
