@@ -31,7 +31,7 @@ __all__ = [
     "validate_hyperparameters",
 ]  # the sub-modules of _SUBMODULES are left out: ``import *`` would load them all, optional dependencies included
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # Sub-modules load on first attribute access, so a config expression such as
 # ``$custom_components.tracking.with_tracking(...)`` works under any config overlay, whatever its ``imports`` list holds

@@ -73,7 +73,7 @@ def source_bundle(tmp_path_factory) -> Path:
 def release(source_bundle, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("release")
     zip_path = Path(export_bundle.export(str(out), bundle_dir=str(source_bundle)))
-    assert zip_path.name == "dual_attention_synthesis_v0.2.0.zip"
+    assert zip_path.name == "dual_attention_synthesis_v0.3.0.zip"
     return zip_path
 
 
