@@ -16,6 +16,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.metrics.regression import compute_ssim_and_cs
 
+from .losses import attention_weight
 from .metrics import confidence_qa, masked_mae, masked_psnr
 
 __all__ = ["SubjectMetricsWriter", "region_metrics", "save_panel", "subject_metrics"]
@@ -93,13 +94,23 @@ def _largest_tumour_slice(label: np.ndarray | None, mask: np.ndarray | None, dep
     return depth // 2
 
 
+def attention_panel(confidence: np.ndarray, beta: float, attention_norm: str = "none",
+                    attention_floor: float = 0.0) -> np.ndarray:
+    """The attention weight a map M gives, as training applies it (:func:`~custom_components.losses.attention_weight`:
+    F = (1 - M)^beta, normalised by its mean with ``attention_norm="mean"``, floored by ``attention_floor``)."""
+    m = torch.as_tensor(np.asarray(confidence, dtype=np.float32))[None, None]
+    return attention_weight(m, beta, attention_norm, attention_floor)[0, 0].numpy()
+
+
 def save_panel(path: str | os.PathLike, source: np.ndarray, pred: np.ndarray, target: np.ndarray,
                confidence: np.ndarray | None = None, beta: float = 2.0, label: np.ndarray | None = None,
-               mask: np.ndarray | None = None, title: str = "") -> int:
+               mask: np.ndarray | None = None, title: str = "", attention_norm: str = "none",
+               attention_floor: float = 0.0) -> int:
     """Save a Fig. 3-style panel of the axial slice with the largest tumour area (3D arrays, (H, W, D)).
 
-    Columns: source | synthetic | target | absolute error | confidence map M | attention weight F = (1 - M)^beta,
-    each with a colour bar. Returns the slice index shown.
+    Columns: source | synthetic | target | absolute error | confidence map M | the attention weight F this map gives
+    with the run's ``beta``, ``attention_norm`` and ``attention_floor`` (:func:`attention_panel`), each with a colour
+    bar. Returns the slice index shown.
     """
     import matplotlib
 
@@ -110,8 +121,10 @@ def save_panel(path: str | os.PathLike, source: np.ndarray, pred: np.ndarray, ta
     panels = [("source", source, "gray", None), ("synthetic", pred, "gray", (0, 1)), ("target", target, "gray", (0, 1)),
               ("|error|", np.abs(pred - target), "magma", (0, 0.5))]
     if confidence is not None:
+        weight = attention_panel(confidence, beta, attention_norm, attention_floor)
         panels += [("confidence M", confidence, "viridis", (0, 1)),
-                   (f"attention F (beta={beta:g})", np.clip(1 - confidence, 0, 1) ** beta, "viridis", (0, 1))]
+                   (f"attention F (beta={beta:g}, {attention_norm}, floor {attention_floor:g})", weight, "viridis",
+                    (0, max(1.0, float(weight.max()))))]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.1 * len(panels), 3.4))
     for ax, (name, img, cmap, lim) in zip(np.atleast_1d(axes), panels):
         im = ax.imshow(np.rot90(img[..., z]), cmap=cmap, vmin=None if lim is None else lim[0],
@@ -144,15 +157,17 @@ class SubjectMetricsWriter:
         output_dir: where ``metrics.csv``, ``summary.json`` and ``figures/`` go.
         data_range: normalised intensity range of the images.
         hu_window: (lo, hi) HU of the normalised range for CT targets, else ``None``.
-        beta: attention exponent, for the F panel of the figures.
+        beta, attention_norm, attention_floor: the run's attention settings, for the F panel of the figures.
         figures: write one PNG per subject.
         overwrite: replace existing ``metrics.csv``/``summary.json``.
     """
 
     def __init__(self, output_dir: str, data_range: float = 1.0, hu_window: Sequence[float] | None = None,
                  beta: float = 2.0, figures: bool = True, overwrite: bool = False, source_key: str = "source",
-                 label_key: str = "label", mask_key: str = "mask") -> None:
+                 label_key: str = "label", mask_key: str = "mask", attention_norm: str = "none",
+                 attention_floor: float = 0.0) -> None:
         self.output_dir = Path(output_dir)
+        self.attention_norm, self.attention_floor = attention_norm, float(attention_floor)
         self.data_range, self.hu_window, self.beta, self.figures = data_range, hu_window, beta, figures
         self.overwrite = overwrite
         self.source_key, self.label_key, self.mask_key = source_key, label_key, mask_key
@@ -185,7 +200,8 @@ class SubjectMetricsWriter:
                 arr = lambda x: None if x is None else torch.as_tensor(x).detach().cpu().float().numpy()[0]  # noqa: E731
                 save_panel(self.output_dir / "figures" / f"{subject}.png", arr(b[self.source_key]),
                            np.clip(arr(o["pred"]), 0, self.data_range), arr(o["label"]), arr(o.get("confidence")),
-                           self.beta, arr(label), arr(mask), title=str(subject))
+                           self.beta, arr(label), arr(mask), title=str(subject), attention_norm=self.attention_norm,
+                           attention_floor=self.attention_floor)
 
     def summary(self) -> dict[str, dict[str, float]]:
         keys = [k for k in self.rows[0] if k != "subject"] if self.rows else []

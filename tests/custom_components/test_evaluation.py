@@ -67,3 +67,17 @@ def test_an_existing_evaluation_is_not_overwritten_and_the_hint_names_the_real_o
     with pytest.raises(FileExistsError, match="--eval_dir"):
         engine.run([0])
     assert (tmp_path / "metrics.csv").read_text() == "subject\n"
+
+
+def test_the_attention_panel_is_the_weight_training_applies():
+    """Issue 20: the figures' F panel was (1 - M)^beta whatever attention_norm and attention_floor the run used."""
+    from custom_components.evaluation import attention_panel
+    from custom_components.losses import attention_weight
+
+    m = np.random.default_rng(0).random((8, 8, 4)).astype(np.float32) * 0.8
+    plain = np.clip(1 - m, 0, 1) ** 2
+    np.testing.assert_allclose(attention_panel(m, 2.0), plain, atol=1e-6)
+    shipped = attention_panel(m, 2.0, "mean", 0.5)
+    expected = attention_weight(torch.as_tensor(m)[None, None], 2.0, "mean", 0.5)[0, 0].numpy()
+    np.testing.assert_allclose(shipped, expected, atol=1e-6)
+    assert not np.allclose(shipped, plain) and abs(float(shipped.mean()) - 1.0) < 1e-5  # mean 1: normalised, floored
