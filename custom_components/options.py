@@ -39,7 +39,8 @@ def as_flag(value: bool | str | int | None, name: str = "flag") -> bool:
 # --- the command line of `python -m monai.bundle run`, checked before any work -------------------------------------
 
 #: keyword arguments of ``monai.bundle.scripts.run`` / ``ConfigWorkflow`` that are not config ids
-_RUN_ARGUMENTS = {"workflow_type", "workflow_name", "properties_path"}
+_RUN_ARGUMENTS = {"workflow_type", "workflow_name", "properties_path", "config_file", "meta_file", "logging_file",
+                  "tracking", "run_id", "init_id", "final_id", "args_file"}
 #: what each checked option must be: (test, expected); checked wherever the running config defines the id
 _POSITIVE_INT = (lambda v: _is_int(v) and v >= 1, "an integer >= 1")
 _POSITIVE_NUMBER = (lambda v: _is_number(v) and v > 0, "a number > 0")
@@ -142,9 +143,7 @@ def check_command_line(rules: dict[str, tuple] | None = None) -> None:
 
             overrides.update(ConfigParser.load_config_file(str(cli["args_file"])))
         defined = _defined_ids(cli.get("config_file") or (), cli.get("tracking"))
-        unknown = [k for k in overrides if k not in _RUN_ARGUMENTS and k not in ("config_file", "meta_file",
-                   "logging_file", "tracking", "run_id", "init_id", "final_id", "args_file")
-                   and re.split(r"#|::", str(k))[0] not in defined]
+        unknown = [k for k in overrides if k not in _RUN_ARGUMENTS and re.split(r"#|::", str(k))[0] not in defined]
         if unknown:
             raise ValueError("; ".join(f"--{k} is not an option of these configs{_closest(str(k), defined)}"
                                        for k in unknown) + ".")

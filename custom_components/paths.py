@@ -16,8 +16,9 @@ An explicit ``--bundle_root`` on the command line (MONAI Label sets it) override
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
+
+from .options import running_workflow
 
 __all__ = ["WORKFLOW_CONFIGS", "bundle_root", "config_files", "default_data_dir", "is_source_checkout"]
 
@@ -38,17 +39,8 @@ def _has_configs(folder: Path) -> bool:
 
 def _workflow_config_root() -> Path | None:
     """The ``config_root_path`` of the ``monai.bundle.ConfigWorkflow`` evaluating the caller, if any."""
-    try:
-        from monai.bundle import ConfigWorkflow
-    except ImportError:  # pragma: no cover - monai is a hard dependency
-        return None
-    frame = sys._getframe(1)
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, ConfigWorkflow) and getattr(owner, "config_root_path", None) is not None:
-            return Path(owner.config_root_path)
-        frame = frame.f_back
-    return None
+    root = getattr(running_workflow(), "config_root_path", None)
+    return Path(root) if root is not None else None
 
 
 def bundle_root() -> str:

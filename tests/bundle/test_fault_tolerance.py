@@ -393,6 +393,19 @@ def _writers_are_atomic(config) -> bool:
     return len(savers) == 2 and all(isinstance(w, type) and issubclass(w, AtomicNibabelWriter) for w in writers)
 
 
+def _kill_at_a_random_moment(proc, started, rnd, pause: float, wait: float, poll: float) -> bool:
+    """Wait (at most ``wait`` s) until ``started()`` or the process ends, then a random ``[0, pause]`` s more, then
+    SIGKILL ``proc`` if it still runs; True if it was killed."""
+    deadline = time.time() + wait
+    while time.time() < deadline and proc.poll() is None and not started():
+        time.sleep(poll)
+    time.sleep(rnd.uniform(0.0, pause))
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(signal.SIGKILL)
+    return True
+
+
 def _readable(path):
     import nibabel as nib
     import numpy as np
@@ -425,14 +438,8 @@ def test_inference_killed_at_random_moments_then_rerun_completes_every_output(tm
     for attempt in range(6):
         with open(tmp_path / f"log{attempt}.txt", "w") as log:
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-            deadline = time.time() + 300
-            while time.time() < deadline and proc.poll() is None and "inference 1/" not in \
-                    (tmp_path / f"log{attempt}.txt").read_text():
-                time.sleep(0.05)
-            time.sleep(rnd.uniform(0.0, 1.5))
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                kills += 1
+            started = lambda: "inference 1/" in (tmp_path / f"log{attempt}.txt").read_text()  # noqa: E731, B023
+            kills += _kill_at_a_random_moment(proc, started, rnd, pause=1.5, wait=300, poll=0.05)
             proc.wait(timeout=120)
         # whatever moment the kill hit, no file under a final name is incomplete
         assert all(_readable(f) for f in finals if f.exists()), [f.name for f in finals if f.exists() and not _readable(f)]
@@ -465,13 +472,7 @@ def test_export_killed_at_random_moments_then_rerun_completes(tmp_path):
     rnd, kills = random.Random(2), 0
     for _ in range(4):
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and not any(out.glob(".*")):
-            time.sleep(0.005)
-        time.sleep(rnd.uniform(0.0, 0.3))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
+        kills += _kill_at_a_random_moment(proc, lambda: any(out.glob(".*")), rnd, pause=0.3, wait=120, poll=0.005)
         proc.wait(timeout=60)
         if final_zip.exists():  # a complete release, or nothing, under the final names
             assert zipfile.ZipFile(final_zip).testzip() is None and final_dir.is_dir()
