@@ -15,6 +15,7 @@ from monai.engines.utils import default_prepare_batch
 from monai.utils import StrEnum
 from monai.utils.enums import CommonKeys
 from torch.optim import Optimizer
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .losses import (
@@ -281,6 +282,9 @@ class DualAttentionTrainer(Trainer):
         n_local: D2 updates per G update.
         local_mix_cell: cell size in voxels of the ``"mixed"`` composite's random mask.
         attention_smoothing: Gaussian blur (voxels) of the ``"error"``/``"gap"``/``"predicted"`` map before F.
+        local_ema: decay in [0, 1) of an exponential moving average of D2's weights (0 = off): with
+            ``attention_source="confidence"`` F's map M comes from the averaged D2, which changes slowly where the
+            live D2 swings with every update; L_ADV2 still uses the live D2.
         error_predictor: optional error-prediction head (:class:`custom_components.networks.ErrorPredictor`), any
             variant: trained at every iteration (:meth:`error_step`) to predict |Y - G(X)| from (X, G(X)); its map is
             the QA map users get at inference, and the attention's map with ``attention_source="predicted"``.
@@ -328,6 +332,7 @@ class DualAttentionTrainer(Trainer):
         n_local: int = 1,
         local_mix_cell: int = 16,
         attention_smoothing: float = 0.0,
+        local_ema: float = 0.0,
         error_predictor: torch.nn.Module | None = None,
         error_optimizer: Optimizer | Callable | None = None,
         epoch_length: int | None = None,
@@ -395,6 +400,14 @@ class DualAttentionTrainer(Trainer):
             self.attention_source = AttentionSource.ERROR
         self.local_target, self.n_local, self.local_mix_cell = LocalTarget(local_target), n_local, local_mix_cell
         self.attention_smoothing = float(attention_smoothing)
+        if not isinstance(local_ema, (int, float)) or isinstance(local_ema, bool) or not 0.0 <= local_ema < 1.0:
+            raise ValueError(f"local_ema must be a number in [0, 1) (0 = off), got {local_ema!r}.")
+        self.local_ema = float(local_ema)
+        self.local_discriminator_ema = None
+        if self.local_ema > 0 and self.local_discriminator is not None:
+            self.local_discriminator_ema = AveragedModel(
+                _unwrap(self.local_discriminator), multi_avg_fn=get_ema_multi_avg_fn(self.local_ema), use_buffers=True)
+            self.local_discriminator_ema.requires_grad_(False)
         self.adversarial_warmup = adversarial_warmup
         self.fresh_batches = FreshBatches(fresh_batches)
         self._extra_batches: Any = None
@@ -450,7 +463,7 @@ class DualAttentionTrainer(Trainer):
             "global_critic": self.global_critic, "global_optimizer": self.global_optimizer,
             "local_discriminator": self.local_discriminator, "local_optimizer": self.local_optimizer,
             "error_predictor": self.error_predictor, "error_optimizer": self.error_optimizer,
-            "trainer": self,
+            "local_discriminator_ema": self.local_discriminator_ema, "trainer": self,
         }
         if self.precision == "fp16":
             objects.update({f"{k}_scaler": v for k, v in self.scalers.items()})
@@ -596,6 +609,8 @@ class DualAttentionTrainer(Trainer):
                 loss_local = loss_local + F.binary_cross_entropy_with_logits(logits[2], mix.float())
             self._check_finite(DualAttentionKeys.LOCAL_D, loss_local)
             self._step("local_discriminator", loss_local, self.local_optimizer)
+        if self.local_discriminator_ema is not None:
+            self.local_discriminator_ema.update_parameters(_unwrap(local_d))
         return {DualAttentionKeys.LOCAL_D: loss_local.item()}
 
     def error_step(self, source: torch.Tensor, target: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
@@ -649,6 +664,12 @@ class DualAttentionTrainer(Trainer):
                         with torch.no_grad():
                             predicted = head(torch.cat([source.to(fake.dtype), fake.detach()], dim=1)).float()
                         confidence = difficulty_confidence(predicted, self.attention_smoothing)
+                    elif (self.attention_source == AttentionSource.CONFIDENCE
+                          and self.local_discriminator_ema is not None):  # M of the averaged D2
+                        ema = self.local_discriminator_ema
+                        ema.eval()
+                        with torch.no_grad():
+                            confidence = confidence_map(ema(self.local_input(fake.detach(), source)).float())
                     elif self.attention_source == AttentionSource.GAP:
                         with torch.no_grad():
                             real_logits = local_m(self.local_input(target.to(fake.dtype), source)).float()

@@ -3,7 +3,8 @@
 Each trial trains ``dual_attention`` with sampled options through the bundle (``scripts/ablation.py``'s
 ``run_arm``) and evaluates it on the **validation** list (the test subjects are never used for the choice). The
 objective rewards tumour PSNR and penalises any whole-volume PSNR loss of more than ``tolerance`` dB against a plain
-UNet trained with the same budget and seed::
+UNet trained with the same budget and seed (the UNet and the shipped default, ``REFERENCES``, are trained beside the
+trials and written as the first rows of ``trials.csv``)::
 
     objective = psnr_tumour + penalty * min(0, psnr_volume - (unet_psnr_volume - tolerance))
 
@@ -34,11 +35,17 @@ SEARCH_SPACE: dict[str, list] = {
     "n_local": [1, 2],
     "beta": [1.0, 2.0, 4.0],
     "attention_norm": ["none", "mean"],
-    "attention_floor": [0.0, 0.3],
+    "attention_floor": [0.0, 0.3, 0.5],
     "attention_smoothing": [0.0, 1.5],
     "attention_start": [0.1, 0.3],  # fraction of the run (the fine-tuning protocol starts adversarial at 0)
     "lambda_adv_local": [0.01, 0.05, 0.2],
+    "local_stem_stride": [2, 1],  # 1: a full-resolution D2 with a smaller receptive field
+    "lr_d2": [0.0002, 0.001],
+    "local_ema": [0.0, 0.99],  # F's map M from an exponential moving average of D2's weights
 }
+
+#: runs trained beside the trials with the same budget and seed: the objective's UNet and the shipped default
+REFERENCES: dict[str, dict] = {"unet": {"variant": "unet"}, "shipped": {}}
 
 
 def objective_value(metrics: dict[str, float], unet_volume: float, tolerance: float = 0.2,
@@ -47,11 +54,30 @@ def objective_value(metrics: dict[str, float], unet_volume: float, tolerance: fl
     return metrics["psnr_tumour"] + penalty * min(0.0, metrics["psnr_volume"] - (unet_volume - tolerance))
 
 
-def _mean_metrics(run_dir: Path) -> dict[str, float]:
+#: metrics kept per trial, for the selected (``model.pt``) and the final weights
+REPORTED = ("psnr_volume", "psnr_tumour", "ssim_volume", "qa_auroc_worst", "qa_spearman")
+
+
+def last_logged(log: Path, key: str) -> float:
+    """The last value of ``key`` in a training log (``key: value``; NaN when absent)."""
+    import re
+
+    found = re.findall(rf"\b{re.escape(key)}: ([-+0-9.eE]+|nan)", log.read_text(errors="replace")) if log.exists() else []
+    return float(found[-1]) if found else float("nan")
+
+
+def trial_name(params: dict) -> str:
+    """A short, stable folder name for a configuration (finished runs are reused by name)."""
+    import hashlib
+
+    return "trial_" + hashlib.sha1(repr(sorted(params.items())).encode()).hexdigest()[:10]
+
+
+def _mean_metrics(run_dir: Path, weights: str = "eval") -> dict[str, float]:
     import numpy as np
     from ablation import _read_metrics
 
-    rows = _read_metrics(run_dir / "eval" / "metrics.csv")
+    rows = _read_metrics(run_dir / weights / "metrics.csv")
     keys = next(iter(rows.values())).keys()
     return {k: float(np.nanmean([r[k] for r in rows.values()])) for k in keys}
 
@@ -84,7 +110,9 @@ def main(output_dir: str = "tune", n_trials: int = 6, epochs: int = 60, seed: in
               "phantom": phantom or {"task": "t1t2", "n_train": 16, "n_val": 4, "n_test": 12, "seed": 0, "tumour_mode": "learnable"},
               **(overrides or {})}
     threads = max(1, (os.cpu_count() or 1) // max(1, n_jobs))
-    unet = _mean_metrics(run_arm("unet", {"variant": "unet"}, seed, out, common, threads, eval_section="validation"))
+    refs = {name: {w: _mean_metrics(run_arm(name, arm, seed, out, common, threads, eval_section="validation"), w)
+                   for w in ("eval", "eval_final")} for name, arm in REFERENCES.items()}
+    unet = refs["unet"]["eval"]
     study = optuna.create_study(study_name="attention", storage=f"sqlite:///{out / 'study.db'}",
                                 direction="maximize", load_if_exists=True,
                                 sampler=optuna.samplers.TPESampler(seed=seed))
@@ -96,28 +124,37 @@ def main(output_dir: str = "tune", n_trials: int = 6, epochs: int = 60, seed: in
 
     def objective(trial: optuna.Trial) -> float:
         params = {k: trial.suggest_categorical(k, v) for k, v in SEARCH_SPACE.items()}
-        name = "trial_" + "_".join(f"{k}-{v}" for k, v in sorted(params.items()))
-        run_dir = run_arm(name, {"variant": "dual_attention", **params}, seed, out, common, threads,
+        run_dir = run_arm(trial_name(params), {"variant": "dual_attention", **params}, seed, out, common, threads,
                           eval_section="validation")
-        metrics = _mean_metrics(run_dir)
-        for k in ("psnr_volume", "psnr_tumour", "qa_auroc_worst", "qa_spearman"):
+        metrics, final = _mean_metrics(run_dir), _mean_metrics(run_dir, "eval_final")
+        trial.set_user_attr("local_qa_auroc_worst", last_logged(run_dir / "log.txt", "val_local_qa_auroc_worst"))
+        for k in REPORTED:
             trial.set_user_attr(k, metrics.get(k, float("nan")))
+            trial.set_user_attr(f"final_{k}", final.get(k, float("nan")))
         trial.set_user_attr("run_dir", str(run_dir))
         return objective_value(metrics, unet["psnr_volume"], tolerance, penalty)
 
     study.optimize(objective, n_trials=n_trials, n_jobs=n_jobs)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     with open(out / "trials.csv", "w", newline="") as f:
-        fields = ["number", "value", *SEARCH_SPACE, "psnr_volume", "psnr_tumour", "qa_auroc_worst", "qa_spearman"]
-        writer = csv.DictWriter(f, fieldnames=fields)
+        attrs = [*REPORTED, *(f"final_{k}" for k in REPORTED), "local_qa_auroc_worst"]
+        writer = csv.DictWriter(f, fieldnames=["number", "value", *SEARCH_SPACE, *attrs, "run_dir"])
         writer.writeheader()
+        for name, r in refs.items():
+            writer.writerow({"number": name, "value": objective_value(r["eval"], unet["psnr_volume"], tolerance, penalty),
+                             **{k: r["eval"].get(k) for k in REPORTED},
+                             **{f"final_{k}": r["eval_final"].get(k) for k in REPORTED}, "run_dir": str(out / name)})
         for t in done:
             writer.writerow({"number": t.number, "value": t.value, **t.params,
-                             **{k: t.user_attrs.get(k) for k in fields[2 + len(SEARCH_SPACE):]}})
-    print(f"UNet reference (validation): psnr_volume {unet['psnr_volume']:.3f}, psnr_tumour {unet['psnr_tumour']:.3f}")
+                             **{k: t.user_attrs.get(k) for k in attrs}, "run_dir": t.user_attrs.get("run_dir")})
+    for name, r in refs.items():
+        print(f"reference {name} (validation, selected weights): objective "
+              f"{objective_value(r['eval'], unet['psnr_volume'], tolerance, penalty):.3f}, psnr_volume "
+              f"{r['eval']['psnr_volume']:.3f}, psnr_tumour {r['eval']['psnr_tumour']:.3f}")
     for t in sorted(done, key=lambda t: -t.value):
         print(f"trial {t.number}: objective {t.value:.3f}, psnr_volume {t.user_attrs['psnr_volume']:.3f}, "
-              f"psnr_tumour {t.user_attrs['psnr_tumour']:.3f}, qa_auroc {t.user_attrs.get('qa_auroc_worst')}: {t.params}")
+              f"psnr_tumour {t.user_attrs['psnr_tumour']:.3f}, qa_auroc {t.user_attrs.get('qa_auroc_worst')}, "
+              f"D2 map auroc {t.user_attrs.get('local_qa_auroc_worst')}: {t.params}")
     return str(out / "trials.csv")
 
 
