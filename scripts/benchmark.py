@@ -48,6 +48,8 @@ WIDTHS: dict[str, dict[str, Any]] = {
 #: the BraTS-size phantom of ``--real_size`` (240 x 240 x 155 voxels of 1 mm; a few subjects)
 REAL_SIZE_PHANTOM: dict[str, Any] = {"task": "t1t2", "n_train": 4, "n_val": 1, "n_test": 0, "seed": 0,
                                      "shape": [240, 240, 155], "spacing": [1.0, 1.0, 1.0]}
+#: the measurements of :func:`main`, in order
+STAGES = ("cache_memory", "data_wait", "inference", "steps", "time_to_quality")
 #: the GAN-step layout shipped before the speed defaults (penalty every critic step, conv + pool critic,
 #: full-resolution D2 with 16-128 filters): the baseline of the design levers
 EARLIER_LAYOUT: dict[str, Any] = {"gp_interval": 1, "critic_downsample": "pool", "local_stem_stride": 1,
@@ -341,12 +343,13 @@ def _cache_memory(overrides: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-def _data_wait(overrides: dict[str, Any], epochs: int) -> dict[str, float]:
-    """Share of step time waiting for data: real cached pipeline, default loader, ``dual_attention``."""
+def _data_wait(overrides: dict[str, Any], epochs: int, variant: str = "dual_attention") -> dict[str, float]:
+    """Share of step time waiting for data: real cached pipeline, default loader, ``variant``'s step."""
     from ignite.handlers import BasicTimeProfiler
 
-    p = _parser({**overrides, "variant": "dual_attention", "epochs": epochs, "train#trainer#train_handlers": [],
+    p = _parser({**overrides, "variant": variant, "epochs": epochs, "train#trainer#train_handlers": [],
                  "train#trainer#adversarial_warmup": 0, "train#trainer#attention_warmup": 0})
+    dataset = p.get_parsed_content("train#dataset")
     trainer = p.get_parsed_content("train#trainer")
     profiler = BasicTimeProfiler()
     profiler.attach(trainer)
@@ -357,7 +360,56 @@ def _data_wait(overrides: dict[str, Any], epochs: int) -> dict[str, float]:
     return {"data_wait_share": data_s / (data_s + proc_s), "data_s": data_s, "processing_s": proc_s,
             "iterations": n, "num_workers": int(p["num_workers"]), "loader": type(trainer.data_loader).__name__,
             "batches_per_epoch": int(trainer.state.epoch_length), "data_per_batch_s": data_s / n,
-            "step_s": proc_s / n}
+            "step_s": proc_s / n, "variant": variant, "subjects": len(dataset),
+            "in_ram": int(getattr(dataset, "cache_num", len(dataset))), "cache_memory_gb": p["cache_memory_gb"]}
+
+
+#: the data-wait regimes: the default budget (the set in RAM) and a budget that forces the disk cache
+DATA_REGIMES: dict[str, dict[str, Any]] = {"ram": {}, "disk": {"cache_memory_gb": 0}}
+
+
+def _data_wait_regimes(overrides: dict[str, Any], epochs: int, disk_budget_gb: float | None = None) -> list[dict]:
+    """:func:`_data_wait` for the plain-L1 and the GAN step, from RAM and from the disk cache."""
+    rows = []
+    for regime, extra in DATA_REGIMES.items():
+        if regime == "disk" and disk_budget_gb is not None:
+            extra = {"cache_memory_gb": disk_budget_gb}
+        for variant in ("unet", "dual_attention"):
+            rows.append({"regime": regime, **_data_wait({**overrides, **extra}, epochs, variant)})
+            print(f"[benchmark] data wait {regime} {variant}: {rows[-1]['data_wait_share']:.1%}", file=sys.stderr,
+                  flush=True)
+    return rows
+
+
+def _patch_cost(overrides: dict[str, Any], batches: int = 40) -> dict[str, float]:
+    """Per-batch cost of the random part of the training pipeline, the fused crop against the chain it replaced
+    (``RandTableWeightedCropd`` -> ``SqueezeDimd`` -> ``RandFlipd``), side by side on the same cached volumes."""
+    from monai.transforms import RandFlipd, SqueezeDimd
+
+    from custom_components.patches import FusedPatchd
+    from custom_components.transforms import RandTableWeightedCropd, UntrackedCompose
+
+    p = _parser(overrides)
+    dataset = p.get_parsed_content("train#dataset")
+    keys, size, n = p.get_parsed_content("all_keys"), p.get_parsed_content("train#sample_size"), p["samples_per_volume"]
+    squeeze = 3 if p["spatial_dims"] == 2 else None
+    chain = [RandTableWeightedCropd(keys, "sampling_weight", size, n, allow_missing_keys=True)]
+    chain += [SqueezeDimd(keys, dim=3, allow_missing_keys=True)] if squeeze else []
+    chain += [RandFlipd(keys, prob=0.5, spatial_axis=0, allow_missing_keys=True)]
+    pipelines = {"chain": UntrackedCompose(chain),
+                 "fused": FusedPatchd(keys, "sampling_weight", size, n, squeeze_dim=squeeze, allow_missing_keys=True)}
+    cached = [dataset._cache[i] for i in range(min(len(dataset._cache), int(p["batch_size"])))]
+    out: dict[str, float] = {}
+    for _ in range(2):  # two alternating rounds; the second is reported
+        for name, pipeline in pipelines.items():
+            pipeline.set_random_state(seed=0)
+            t0 = time.perf_counter()
+            for _ in range(batches):
+                for item in cached:
+                    pipeline(dict(item))
+            out[f"{name}_per_batch_s"] = (time.perf_counter() - t0) / batches
+    out["speedup"] = out["chain_per_batch_s"] / out["fused_per_batch_s"]
+    return out
 
 
 def _time_to_quality(overrides: dict[str, Any], psnr: float, max_epochs: int) -> dict[str, Any]:
@@ -421,7 +473,8 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple | None = None, 
          memory: bool = True, ram_budget_gb: float = 8.0, data_epochs: int = 3, inference_repeats: int = 2,
          data_workers: list | tuple | int = (1,), ttq_psnr: float | None = None, ttq_max_epochs: int = 30,
          ttq_dataset_dir: str | None = None,
-         cache_subjects: int | None = None, probe: str | dict | None = None,
+         cache_subjects: int | None = None, stages: list | tuple | str | None = None,
+         disk_budget_gb: float | None = None, probe: str | dict | None = None,
          cache_probe: str | dict | None = None) -> str | None:
     """Run the measurements, print the tables and write ``output`` (JSON).
 
@@ -449,6 +502,8 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple | None = None, 
         ttq_dataset_dir: data of the time-to-quality runs (default: the config's phantom, 96 x 96 x 48).
         cache_subjects: with ``real_size``, the training subjects of the BraTS-size phantom (default 4); the
             resident memory per cached subject is measured on them and projected to 200 and 1251 subjects.
+        stages: run only these of :data:`STAGES` (default all).
+        disk_budget_gb: ``cache_memory_gb`` of the data-wait stage's disk regime (default 0: all from disk).
         probe, cache_probe: internal (memory subprocesses).
     """
     if probe is not None:
@@ -461,6 +516,9 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple | None = None, 
 
     from custom_components import all_variants
 
+    chosen_stages = set(STAGES if stages is None else ([stages] if isinstance(stages, str) else stages))
+    if chosen_stages - set(STAGES):
+        raise ValueError(f"stages must be among {list(STAGES)}, got {sorted(chosen_stages - set(STAGES))}.")
     widths = [widths] if isinstance(widths, str) else list(widths)
     if isinstance(levers, str):
         levers = [levers]
@@ -487,21 +545,27 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple | None = None, 
         row_sets.append(("3d", {**base, **three}, [v for v in ("unet", "dual_attention") if v in variants]))
 
     # 0. resident memory per cached training subject, projected to the paper's and BraTS 2021's training sets
-    results["cache_memory"] = _cache_memory(base)
-    print(f"[benchmark] stage done: {sorted(results)}", file=sys.stderr, flush=True)
-    # 1. data wait (real pipeline, default loader settings)
-    results["data_wait"] = _data_wait(base, data_epochs)
-    extra = [data_workers] if isinstance(data_workers, int) else list(data_workers)
-    results["data_wait_other_workers"] = [_data_wait({**base, "num_workers": int(w)}, data_epochs) for w in extra
-                                          if int(w) != results["data_wait"]["num_workers"]]
-    Path(output).write_text(json.dumps(results, indent=2, default=str))  # partial results after each stage
-    print(f"[benchmark] stage done: {sorted(results)}", file=sys.stderr, flush=True)
+    if "cache_memory" in chosen_stages:
+        results["cache_memory"] = _cache_memory(base)
+        print(f"[benchmark] stage done: {sorted(results)}", file=sys.stderr, flush=True)
+    # 1. data wait (real pipeline, default loader settings): plain-L1 and GAN steps, from RAM and from disk
+    if "data_wait" in chosen_stages:
+        results["patch_cost"] = _patch_cost(base)
+        results["data_wait_regimes"] = _data_wait_regimes(base, data_epochs, disk_budget_gb)
+        results["data_wait"] = next(r for r in results["data_wait_regimes"]
+                                    if r["regime"] == "ram" and r["variant"] == "dual_attention")
+        extra = [data_workers] if isinstance(data_workers, int) else list(data_workers)
+        results["data_wait_other_workers"] = [_data_wait({**base, "num_workers": int(w)}, data_epochs)
+                                              for w in extra if int(w) != results["data_wait"]["num_workers"]]
+        Path(output).write_text(json.dumps(results, indent=2, default=str))  # partial results after each stage
+        print(f"[benchmark] stage done: {sorted(results)}", file=sys.stderr, flush=True)
     # 2. whole-volume inference
-    results["inference"] = _inference(base, inference_repeats)
-    Path(output).write_text(json.dumps(results, indent=2, default=str))  # partial results after each stage
-    print(f"[benchmark] stage done: {sorted(results)}", file=sys.stderr, flush=True)
+    if "inference" in chosen_stages:
+        results["inference"] = _inference(base, inference_repeats)
+        Path(output).write_text(json.dumps(results, indent=2, default=str))  # partial results after each stage
+        print(f"[benchmark] stage done: {sorted(results)}", file=sys.stderr, flush=True)
     # 3. training step per variant: one real batch of each row set, the same for every variant of the set
-    for name, ov, names in row_sets:
+    for name, ov, names in (row_sets if "steps" in chosen_stages else []):
         batch = next(iter(_parser(ov).get_parsed_content("train#dataloader")))
         batch = {k: batch[k] for k in ("source", "target")}
         batches = [batch] * (steps + warmup)
@@ -539,7 +603,7 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple | None = None, 
     Path(output).write_text(json.dumps(results, indent=2, default=str))  # partial results after each stage
     print(f"[benchmark] stage done: {sorted(results)}", file=sys.stderr, flush=True)
     # 5. time to quality (optional: it trains)
-    if ttq_psnr is not None:
+    if ttq_psnr is not None and "time_to_quality" in chosen_stages:
         ttq = {k: v for k, v in (overrides or {}).items()}
         if ttq_dataset_dir:
             ttq["dataset_dir"] = ttq_dataset_dir
@@ -557,15 +621,21 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple | None = None, 
             lines.append(f"lever {lv['rows']:<8} {lv['lever']:<24} dual_attention {lv['dual_attention_s']:.3f}s "
                          f"({lv['speedup']:.2f}x faster than the {lv['baseline']}), unet {lv['unet_s']:.3f}s, "
                          f"GAN/UNet {lv['ratio_to_unet']:.2f}x ({lv['baseline']}: {lv['baseline_ratio']:.2f}x)")
-    cm = results["cache_memory"]
-    lines.append(f"training cache: {cm['subjects']} subjects ({cm['in_ram']} in RAM), resident memory "
-                 f"+{cm['mb_per_subject']:.1f} MB per subject in RAM; projected "
-                 + ", ".join(f"{k} subjects {v:.1f} GB" for k, v in cm["projected_gb"].items()))
-    for dw in [results["data_wait"]] + results["data_wait_other_workers"]:
-        lines.append(f"data wait share of step time (dual_attention, real pipeline, {dw['loader']}, num_workers="
-                     f"{dw['num_workers']}, {dw['iterations']} iterations): {100 * dw['data_wait_share']:.1f}% "
-                     f"({1000 * dw['data_per_batch_s']:.0f} ms per batch, step {1000 * dw['step_s']:.0f} ms)")
-    inf = results["inference"]
+    cm = results.get("cache_memory")
+    if cm:
+        lines.append(f"training cache: {cm['subjects']} subjects ({cm['in_ram']} in RAM), resident memory "
+                     f"+{cm['mb_per_subject']:.1f} MB per subject in RAM; projected "
+                     + ", ".join(f"{k} subjects {v:.1f} GB" for k, v in cm["projected_gb"].items()))
+    if "patch_cost" in results:
+        pc = results["patch_cost"]
+        lines.append(f"patch crop/squeeze/flip per batch: fused {1000 * pc['fused_per_batch_s']:.2f} ms, the chain it "
+                     f"replaced {1000 * pc['chain_per_batch_s']:.2f} ms ({pc['speedup']:.1f}x)")
+    for dw in results.get("data_wait_regimes", []) + results.get("data_wait_other_workers", []):
+        lines.append(f"data wait share of step time ({dw['variant']}, {dw.get('regime', 'ram')}: {dw['in_ram']} of "
+                     f"{dw['subjects']} subjects in RAM, {dw['loader']}, num_workers={dw['num_workers']}, "
+                     f"{dw['iterations']} iterations): {100 * dw['data_wait_share']:.1f}% "
+                     f"({1000 * dw['data_per_batch_s']:.1f} ms per batch, step {1000 * dw['step_s']:.0f} ms)")
+    inf = results.get("inference", {})
     if "overhead_ratio" in inf:
         lines.append(f"whole-volume inference {inf['volume_shape']} ({inf['inferer']}, {inf['sw_batch_size']} slices per "
                      f"call): {inf['inferer_s']:.2f}s vs bare forward {inf['bare_forward_s']:.2f}s = "
@@ -573,7 +643,7 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple | None = None, 
                      f"confidence map +{100 * inf['confidence_ratio']:.0f}%")
         for name, c in inf.get("confidence_layouts", {}).items():
             lines.append(f"confidence map with the {name} D2: +{100 * c['confidence_ratio']:.0f}%")
-    else:
+    elif inf:
         lines.append(f"whole-volume inference {inf['volume_shape']}: {inf['inferer_s']:.2f}s")
     if "time_to_quality" in results:
         t = results["time_to_quality"]

@@ -46,6 +46,12 @@ def test_benchmark_reports_every_measure(tmp_path):
     # 2 training volumes, batch 1: 2 batches per epoch, one epoch
     assert dw["batches_per_epoch"] == 2 and dw["iterations"] == 2
     assert dw["data_per_batch_s"] == pytest.approx(dw["data_s"] / 2) and dw["step_s"] == pytest.approx(dw["processing_s"] / 2)
+    regimes = {(r["regime"], r["variant"]): r for r in res["data_wait_regimes"]}
+    assert set(regimes) == {(g, v) for g in ("ram", "disk") for v in ("unet", "dual_attention")}
+    assert all(r["in_ram"] == 2 for k, r in regimes.items() if k[0] == "ram")
+    assert all(r["in_ram"] == 0 and r["subjects"] == 2 for k, r in regimes.items() if k[0] == "disk")
+    assert res["patch_cost"]["speedup"] == pytest.approx(
+        res["patch_cost"]["chain_per_batch_s"] / res["patch_cost"]["fused_per_batch_s"])
     inf = res["inference"]
     assert inf["inferer"] == "WholeSliceInferer" and inf["volume_shape"] == [48, 48, 32]
     assert all(inf[k] > 0 for k in ("overhead_ratio", "window_inferer_s", "confidence_ratio"))
