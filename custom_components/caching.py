@@ -18,8 +18,10 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
@@ -38,6 +40,8 @@ logger = logging.getLogger(__name__)
 #: bump when the layout of a cached item changes in a way the transform fingerprint does not see
 CACHE_FORMAT = 1
 GB = 2**30
+#: the disk cache's file names: md5 of the item, md5 of the pipeline (item_fingerprint, transform_fingerprint)
+_CACHE_FILE = re.compile(r"[0-9a-f]{64}\.pt")
 
 
 def available_memory_bytes() -> int:
@@ -208,19 +212,27 @@ class BudgetCacheDataset(CacheDataset):
             RAM); the value says why.
         name: the data set's name in the log and the messages.
         disk_margin: share of the free disk space left free.
+        max_age_days: at start, files of the disk cache's own naming (``<md5 of the item><md5 of the pipeline>.pt``)
+            that this data set does not use and that no run has used for this many days are deleted (logged with
+            their number and size); the files it uses are marked used (their modification time). ``None`` keeps
+            everything. Nothing else in ``cache_dir`` is ever touched.
         progress: unused (a ``CacheDataset`` option kept for config compatibility).
     """
 
     def __init__(self, data: Sequence, transform: Compose, budget: MemoryBudget | float | None = None,
                  cache_dir: str | os.PathLike | None = None, cache_rate: float = 1.0, num_workers: int | None = 1,
                  copy_cache: bool = False, track_meta: bool = False, in_memory_only: bool | str = False,
-                 name: str = "training", disk_margin: float = 0.1, progress: bool = False) -> None:
+                 name: str = "training", disk_margin: float = 0.1, max_age_days: float | None = 30.0,
+                 progress: bool = False) -> None:
         if not isinstance(transform, Compose):
             transform = Compose(transform)
         self.budget = budget if isinstance(budget, MemoryBudget) else MemoryBudget(budget)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.track_meta, self.in_memory_only, self.name = track_meta, in_memory_only, name
         self.disk_margin = float(disk_margin)
+        if max_age_days is not None and (isinstance(max_age_days, bool) or not max_age_days >= 0):
+            raise ValueError(f"cache_max_age_days must be a number of days >= 0 or null (keep all), got {max_age_days!r}.")
+        self.max_age_days = max_age_days
         # in a dict: MONAI's loaders seed a dataset's transforms by walking its attributes (monai.data.utils.set_rnd),
         # and a PersistentDataset attribute holding the same transform would be seeded too, shifting the seeds
         self._persistent: dict[str, PersistentDataset] = {}
@@ -322,10 +334,36 @@ class BudgetCacheDataset(CacheDataset):
             with ThreadPool(workers) as pool:
                 list(pool.imap(self._write_disk_item, rest))
         self.plan.update(in_ram=self.cache_num, on_disk=n - self.cache_num, ram_bytes=sum(map(cached_nbytes, cache)))
+        self.plan["pruned_files"], self.plan["pruned_bytes"] = self.prune_disk_cache(range(self.cache_num, n))
         if self.cache_num != fit:
             logger.info("%s data: %d subjects cached in RAM (%.2f GiB), %d from the disk cache", self.name,
                         self.cache_num, self.plan["ram_bytes"] / GB, n - self.cache_num)
         return cache
+
+    def prune_disk_cache(self, used: Sequence[int] = ()) -> tuple[int, int]:
+        """Mark the disk files of subjects ``used`` as used now and delete the cache's files unused for longer than
+        ``max_age_days``; returns (files deleted, bytes freed)."""
+        if self.cache_dir is None or not self.cache_dir.is_dir():
+            return 0, 0
+        keep = {self._disk_file(i) for i in used}
+        for path in keep:
+            if path.is_file():
+                os.utime(path)
+        if self.max_age_days is None:
+            return 0, 0
+        limit = time.time() - float(self.max_age_days) * 86400
+        removed, freed = 0, 0
+        for path in self.cache_dir.iterdir():
+            if path in keep or not _CACHE_FILE.fullmatch(path.name) or not path.is_file():
+                continue
+            stat = path.stat()
+            if stat.st_mtime < limit:
+                path.unlink(missing_ok=True)
+                removed, freed = removed + 1, freed + stat.st_size
+        if removed:
+            logger.info("%s data: deleted %d disk-cache files unused for over %g days from %s (%.2f GiB)", self.name,
+                        removed, self.max_age_days, self.cache_dir, freed / GB)
+        return removed, freed
 
     def _transform(self, index: int):
         if index % len(self) < self.cache_num:

@@ -151,9 +151,10 @@ def test_disk_cache_is_keyed_by_the_preprocessing_settings_and_the_files(tmp_pat
     ds = _budget_ds(tmp_path, data, 0)
     files = set((tmp_path / "cache").glob("*.pt"))
     assert len(files) == 2
-    stamp = {f: f.stat().st_mtime_ns for f in files}
+    stamp = {f: (f.stat().st_ino, f.read_bytes()) for f in files}  # a rewrite (atomic rename) is a new inode
     again = _budget_ds(tmp_path, data, 0)  # the same settings: the same files, not rewritten
-    assert set((tmp_path / "cache").glob("*.pt")) == files and all(f.stat().st_mtime_ns == stamp[f] for f in files)
+    assert set((tmp_path / "cache").glob("*.pt")) == files
+    assert all((f.stat().st_ino, f.read_bytes()) == stamp[f] for f in files)
     # a changed option of a cached transform (the tumour weight) makes new files: none is reused
     chain = _chain((8, 8, 1), tumour_weight=4.0)
     other = BudgetCacheDataset(data, Compose(chain), budget=0, cache_dir=tmp_path / "cache")
@@ -220,3 +221,31 @@ def test_uniform_table_without_a_sum_draws_monais_centres(size):
     for _ in range(10):
         for x, y in zip(ours(dict(tabled)), theirs(dict(item))):
             torch.testing.assert_close(x["source"].as_tensor(), y["source"].as_tensor(), rtol=0, atol=0)
+
+
+def test_disk_cache_files_unused_for_max_age_days_are_deleted_and_nothing_else(tmp_path):
+    import time
+
+    cache = tmp_path / "cache"
+    data = [_item(seed=i) for i in range(2)]
+    _budget_ds(tmp_path, data, 0)  # every subject on disk
+    ours = sorted(cache.glob("*.pt"))
+    assert ours
+    old = time.time() - 40 * 86400
+    stale = cache / ("0" * 64 + ".pt")  # another pipeline's file, unused for 40 days
+    recent = cache / ("1" * 64 + ".pt")  # another pipeline's file, used yesterday
+    foreign = cache / "notes.pt"  # not of the cache's naming: never touched
+    for f in (stale, recent, foreign):
+        f.write_bytes(b"x" * 10)
+    for f in (stale, foreign, *ours):
+        os.utime(f, (old, old))
+    os.utime(recent, (time.time() - 86400,) * 2)
+    ds = _budget_ds(tmp_path, data, 0)  # max_age_days 30 by default
+    assert not stale.exists() and recent.exists() and foreign.exists()
+    assert all(f.exists() and f.stat().st_mtime > old + 86400 for f in ours)  # in use: kept and marked used
+    assert (ds.plan["pruned_files"], ds.plan["pruned_bytes"]) == (1, 10)
+    os.utime(recent, (old, old))
+    kept = _budget_ds(tmp_path, data, 0, max_age_days=None)
+    assert recent.exists() and kept.plan["pruned_files"] == 0
+    with pytest.raises(ValueError, match="cache_max_age_days"):
+        _budget_ds(tmp_path, data, 0, max_age_days=-1)
