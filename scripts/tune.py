@@ -2,11 +2,12 @@
 
 Each trial trains ``dual_attention`` with sampled options through the bundle (``scripts/ablation.py``'s
 ``run_arm``) and evaluates it on the **validation** list (the test subjects are never used for the choice). The
-objective rewards tumour PSNR and penalises any whole-volume PSNR loss of more than ``tolerance`` dB against a plain
-UNet trained with the same budget and seed (the UNet and the shipped default, ``REFERENCES``, are trained beside the
-trials and written as the first rows of ``trials.csv``)::
+objective rewards tumour PSNR and penalises any whole-volume PSNR loss of more than ``tolerance`` dB and any SSIM
+loss of more than ``ssim_tolerance`` against a plain UNet trained with the same budget and seed (the UNet and the
+shipped default, ``REFERENCES``, are trained beside the trials and written as the first rows of ``trials.csv``)::
 
     objective = psnr_tumour + penalty * min(0, psnr_volume - (unet_psnr_volume - tolerance))
+                            + ssim_penalty * min(0, ssim_volume - (unet_ssim_volume - ssim_tolerance))
 
 The study lives in a SQLite file in ``output_dir``, so an interrupted search resumes where it stopped (finished runs
 are reused, too). Configurations to try first can be queued with ``enqueue``.
@@ -48,10 +49,13 @@ SEARCH_SPACE: dict[str, list] = {
 REFERENCES: dict[str, dict] = {"unet": {"variant": "unet"}, "shipped": {}}
 
 
-def objective_value(metrics: dict[str, float], unet_volume: float, tolerance: float = 0.2,
-                    penalty: float = 2.0) -> float:
-    """Tumour PSNR, minus ``penalty`` per dB of whole-volume PSNR lost beyond ``tolerance`` against the UNet."""
-    return metrics["psnr_tumour"] + penalty * min(0.0, metrics["psnr_volume"] - (unet_volume - tolerance))
+def objective_value(metrics: dict[str, float], reference: dict[str, float], tolerance: float = 0.2,
+                    penalty: float = 2.0, ssim_tolerance: float = 0.005, ssim_penalty: float = 100.0) -> float:
+    """Tumour PSNR, minus ``penalty`` per dB of whole-volume PSNR lost beyond ``tolerance`` and ``ssim_penalty`` per
+    unit of whole-volume SSIM lost beyond ``ssim_tolerance``, both against the UNet ``reference``."""
+    return (metrics["psnr_tumour"]
+            + penalty * min(0.0, metrics["psnr_volume"] - (reference["psnr_volume"] - tolerance))
+            + ssim_penalty * min(0.0, metrics["ssim_volume"] - (reference["ssim_volume"] - ssim_tolerance)))
 
 
 #: metrics kept per trial, for the selected (``model.pt``) and the final weights
@@ -66,11 +70,17 @@ def last_logged(log: Path, key: str) -> float:
     return float(found[-1]) if found else float("nan")
 
 
+#: options added to the space after runs were made, at the value those runs had: left out of the folder name at
+#: that value, so the earlier runs keep their names and are reused
+ADDED_LATER: dict[str, object] = {"local_ema": 0.0}
+
+
 def trial_name(params: dict) -> str:
     """A short, stable folder name for a configuration (finished runs are reused by name)."""
     import hashlib
 
-    return "trial_" + hashlib.sha1(repr(sorted(params.items())).encode()).hexdigest()[:10]
+    named = {k: v for k, v in params.items() if not (k in ADDED_LATER and v == ADDED_LATER[k])}
+    return "trial_" + hashlib.sha1(repr(sorted(named.items())).encode()).hexdigest()[:10]
 
 
 def _mean_metrics(run_dir: Path, weights: str = "eval") -> dict[str, float]:
@@ -82,24 +92,35 @@ def _mean_metrics(run_dir: Path, weights: str = "eval") -> dict[str, float]:
     return {k: float(np.nanmean([r[k] for r in rows.values()])) for k in keys}
 
 
+def _key(params: dict) -> tuple:
+    return tuple(sorted(params.items()))
+
+
 def main(output_dir: str = "tune", n_trials: int = 6, epochs: int = 60, seed: int = 0, n_jobs: int = 1,
          enqueue: list | None = None, dataset_dir: str | None = None, phantom: dict | None = None,
-         overrides: dict | None = None, tolerance: float = 0.2, penalty: float = 2.0) -> str:
-    """Run (or resume) the search; write ``trials.csv`` and print the best configuration.
+         overrides: dict | None = None, study_name: str = "attention", reuse_finished: bool = True,
+         tolerance: float = 0.2, penalty: float = 2.0, ssim_tolerance: float = 0.005,
+         ssim_penalty: float = 100.0) -> str:
+    """Run (or resume) the search; write ``trials.csv`` and print the best configurations.
 
     Args:
         output_dir: folder of the study (``study.db``), the runs and the data.
-        n_trials: trials to run in this call (on top of finished ones).
-        epochs: training budget of every trial and of the UNet reference.
+        n_trials: distinct configurations to add in this call (a configuration the study has already is not run
+            again: such a trial is pruned as a duplicate and not counted).
+        epochs: training budget of every trial and of the references.
         seed: training seed of every trial.
         n_jobs: trials run in parallel (each gets cores / n_jobs threads).
         enqueue: option dicts to try first (keys from ``SEARCH_SPACE``; missing keys are sampled).
         dataset_dir: data folder (default ``<output_dir>/data``, the ablation's phantom).
         phantom: phantom options (default: the ablation's).
         overrides: config overrides for every run.
-        tolerance, penalty: see the module docstring.
+        study_name: the study in ``study.db`` (a new name starts a new study, e.g. after changing the objective).
+        reuse_finished: enqueue first every configuration already trained in ``output_dir`` (``trial_*/params.json``):
+            a new study or objective gets their values without training them again.
+        tolerance, penalty, ssim_tolerance, ssim_penalty: see :func:`objective_value`.
     """
     import csv
+    import json
 
     import optuna
     from ablation import run_arm
@@ -107,54 +128,86 @@ def main(output_dir: str = "tune", n_trials: int = 6, epochs: int = 60, seed: in
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     common = {"epochs": epochs, "dataset_dir": str(Path(dataset_dir).resolve()) if dataset_dir else str(out / "data"),
-              "phantom": phantom or {"task": "t1t2", "n_train": 16, "n_val": 4, "n_test": 12, "seed": 0, "tumour_mode": "learnable"},
+              "phantom": phantom or {"task": "t1t2", "n_train": 16, "n_val": 4, "n_test": 12, "seed": 0,
+                                     "tumour_mode": "learnable"},
               **(overrides or {})}
     threads = max(1, (os.cpu_count() or 1) // max(1, n_jobs))
     refs = {name: {w: _mean_metrics(run_arm(name, arm, seed, out, common, threads, eval_section="validation"), w)
                    for w in ("eval", "eval_final")} for name, arm in REFERENCES.items()}
     unet = refs["unet"]["eval"]
-    study = optuna.create_study(study_name="attention", storage=f"sqlite:///{out / 'study.db'}",
+
+    def value(metrics: dict[str, float]) -> float:
+        return objective_value(metrics, unet, tolerance, penalty, ssim_tolerance, ssim_penalty)
+
+    study = optuna.create_study(study_name=study_name, storage=f"sqlite:///{out / 'study.db'}",
                                 direction="maximize", load_if_exists=True,
                                 sampler=optuna.samplers.TPESampler(seed=seed))
-    for params in enqueue or []:
+    queued = list(enqueue or [])
+    if reuse_finished:
+        queued += [json.loads(f.read_text()) for f in sorted(out.glob("trial_*/params.json"))]
+    for params in queued:
         unknown = set(params) - set(SEARCH_SPACE)
         if unknown:
             raise ValueError(f"enqueue: unknown option(s) {sorted(unknown)}; searchable: {list(SEARCH_SPACE)}.")
         study.enqueue_trial(params, skip_if_exists=True)
 
+    def distinct() -> set:
+        return {_key(t.params) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+
+    target = len(distinct()) + int(n_trials)
+
     def objective(trial: optuna.Trial) -> float:
         params = {k: trial.suggest_categorical(k, v) for k, v in SEARCH_SPACE.items()}
-        run_dir = run_arm(trial_name(params), {"variant": "dual_attention", **params}, seed, out, common, threads,
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+        twin = next((t.number for t in study.get_trials(deepcopy=False, states=states)
+                     if t.number != trial.number and _key(t.params) == _key(params)), None)
+        if twin is not None:  # the same configuration is finished or running: nothing new to learn
+            raise optuna.TrialPruned(f"duplicate of trial {twin}")
+        name = trial_name(params)
+        run_dir = run_arm(name, {"variant": "dual_attention", **params}, seed, out, common, threads,
                           eval_section="validation")
+        (out / name / "params.json").write_text(json.dumps(params))
         metrics, final = _mean_metrics(run_dir), _mean_metrics(run_dir, "eval_final")
         trial.set_user_attr("local_qa_auroc_worst", last_logged(run_dir / "log.txt", "val_local_qa_auroc_worst"))
         for k in REPORTED:
             trial.set_user_attr(k, metrics.get(k, float("nan")))
             trial.set_user_attr(f"final_{k}", final.get(k, float("nan")))
+        trial.set_user_attr("final_value", value(final))
         trial.set_user_attr("run_dir", str(run_dir))
-        return objective_value(metrics, unet["psnr_volume"], tolerance, penalty)
+        return value(metrics)
 
-    study.optimize(objective, n_trials=n_trials, n_jobs=n_jobs)
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    def enough(study: optuna.Study, _trial) -> None:
+        if len(distinct()) >= target:
+            study.stop()
+
+    if n_trials > 0:
+        study.optimize(objective, n_trials=20 * int(n_trials), n_jobs=n_jobs, callbacks=[enough])
+    done, seen = [], set()
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if _key(t.params) not in seen:
+            seen.add(_key(t.params))
+            done.append(t)
     with open(out / "trials.csv", "w", newline="") as f:
-        attrs = [*REPORTED, *(f"final_{k}" for k in REPORTED), "local_qa_auroc_worst"]
+        attrs = [*REPORTED, *(f"final_{k}" for k in REPORTED), "final_value", "local_qa_auroc_worst"]
         writer = csv.DictWriter(f, fieldnames=["number", "value", *SEARCH_SPACE, *attrs, "run_dir"])
         writer.writeheader()
         for name, r in refs.items():
-            writer.writerow({"number": name, "value": objective_value(r["eval"], unet["psnr_volume"], tolerance, penalty),
-                             **{k: r["eval"].get(k) for k in REPORTED},
-                             **{f"final_{k}": r["eval_final"].get(k) for k in REPORTED}, "run_dir": str(out / name)})
+            writer.writerow({"number": name, "value": value(r["eval"]), **{k: r["eval"].get(k) for k in REPORTED},
+                             **{f"final_{k}": r["eval_final"].get(k) for k in REPORTED},
+                             "final_value": value(r["eval_final"]), "run_dir": str(out / name)})
         for t in done:
             writer.writerow({"number": t.number, "value": t.value, **t.params,
                              **{k: t.user_attrs.get(k) for k in attrs}, "run_dir": t.user_attrs.get("run_dir")})
     for name, r in refs.items():
-        print(f"reference {name} (validation, selected weights): objective "
-              f"{objective_value(r['eval'], unet['psnr_volume'], tolerance, penalty):.3f}, psnr_volume "
-              f"{r['eval']['psnr_volume']:.3f}, psnr_tumour {r['eval']['psnr_tumour']:.3f}")
-    for t in sorted(done, key=lambda t: -t.value):
-        print(f"trial {t.number}: objective {t.value:.3f}, psnr_volume {t.user_attrs['psnr_volume']:.3f}, "
-              f"psnr_tumour {t.user_attrs['psnr_tumour']:.3f}, qa_auroc {t.user_attrs.get('qa_auroc_worst')}, "
-              f"D2 map auroc {t.user_attrs.get('local_qa_auroc_worst')}: {t.params}")
+        print(f"reference {name} (validation, selected weights): objective {value(r['eval']):.3f}, psnr_volume "
+              f"{r['eval']['psnr_volume']:.3f}, psnr_tumour {r['eval']['psnr_tumour']:.3f}, ssim "
+              f"{r['eval']['ssim_volume']:.3f}")
+    print(f"{len(done)} distinct configurations")
+    for t in sorted(done, key=lambda t: -t.value)[:10]:
+        a = t.user_attrs
+        print(f"trial {t.number}: objective {t.value:.3f} (final weights {a.get('final_value', float('nan')):.3f}), "
+              f"psnr_volume {a['psnr_volume']:.3f}, psnr_tumour {a['psnr_tumour']:.3f}, ssim {a['ssim_volume']:.3f}, "
+              f"QA auroc {a.get('qa_auroc_worst')}, D2 map auroc {a.get('local_qa_auroc_worst')}: {t.params}")
     return str(out / "trials.csv")
 
 

@@ -10,15 +10,35 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import tune  # noqa: E402
 
 
-def test_objective_rewards_tumour_psnr_and_penalises_volume_loss_beyond_tolerance():
-    unet_volume = 20.0
-    assert tune.objective_value({"psnr_tumour": 12.0, "psnr_volume": 19.9}, unet_volume) == pytest.approx(12.0)
-    assert tune.objective_value({"psnr_tumour": 12.0, "psnr_volume": 19.3}, unet_volume) == pytest.approx(11.0)
-    assert tune.objective_value({"psnr_tumour": 12.0, "psnr_volume": 21.0}, unet_volume) == pytest.approx(12.0)
+def test_objective_rewards_tumour_psnr_and_penalises_volume_and_ssim_loss_beyond_tolerance():
+    unet = {"psnr_volume": 20.0, "ssim_volume": 0.80}
+    ok = {"psnr_tumour": 12.0, "psnr_volume": 19.9, "ssim_volume": 0.797}
+    assert tune.objective_value(ok, unet) == pytest.approx(12.0)
+    assert tune.objective_value({**ok, "psnr_volume": 19.3}, unet) == pytest.approx(11.0)
+    assert tune.objective_value({**ok, "psnr_volume": 21.0}, unet) == pytest.approx(12.0)
+    assert tune.objective_value({**ok, "ssim_volume": 0.785}, unet) == pytest.approx(11.0)  # 0.010 beyond 0.005
+    assert tune.objective_value({**ok, "ssim_volume": 0.9}, unet) == pytest.approx(12.0)
 
 
 def test_search_space_options_exist_in_the_training_config():
     import json
 
     config = json.loads((ROOT / "bundle" / "configs" / "train.json").read_text())
-    assert set(tune.SEARCH_SPACE) <= set(config)
+    assert set(tune.SEARCH_SPACE) <= set(config) and set(tune.ADDED_LATER) <= set(tune.SEARCH_SPACE)
+    for k, v in tune.ADDED_LATER.items():  # the value earlier runs had is the config's default
+        assert config[k] == v
+
+
+def test_trial_names_are_stable_and_ignore_options_added_later_at_their_old_value():
+    a = {"beta": 2.0, "attention_source": "error"}
+    assert tune.trial_name(a) == tune.trial_name(dict(reversed(list(a.items()))))
+    assert tune.trial_name({**a, "local_ema": 0.0}) == tune.trial_name(a)
+    assert tune.trial_name({**a, "local_ema": 0.99}) != tune.trial_name(a)
+    assert tune.trial_name({**a, "beta": 4.0}) != tune.trial_name(a)
+
+
+def test_last_logged_value(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("x val_local_qa_auroc_worst: 0.5123 y\nz val_local_qa_auroc_worst: 0.6 \n")
+    assert tune.last_logged(log, "val_local_qa_auroc_worst") == pytest.approx(0.6)
+    assert tune.last_logged(log, "missing") != tune.last_logged(log, "missing")  # NaN
