@@ -24,11 +24,7 @@ SMALL = ["--make_phantom", "false", "--variant", "dual_attention", "--adversaria
          "--lr_schedule", "constant"]
 
 
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory):
-    out = tmp_path_factory.mktemp("phantom")
-    ensure_phantom(out, task="t1t2", n_train=4, n_val=2, n_test=1, shape=(48, 48, 32), seed=5)
-    return out
+PHANTOM = {"n_train": 4, "n_val": 2, "n_test": 1, "seed": 5}  # a larger phantom than the default (conftest.py)
 
 
 def _args(phantom, root):

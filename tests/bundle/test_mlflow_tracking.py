@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from custom_components.phantom_dataset import ensure_phantom
 
 mlflow = pytest.importorskip("mlflow", reason="MLflow is an optional extra: pip install -c constraints.txt .[tracking]")
 
@@ -22,11 +21,6 @@ PARAMS = {"variant": "dual_attention", "beta": "2.0", "p": "1", "lambda_adv_loca
           "lr_g": "0.001", "lr_d1": "0.0002", "lr_d2": "0.0002", "lambda_adv_global": "0.001", "seed": "0"}
 
 
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory):
-    out = tmp_path_factory.mktemp("phantom")
-    ensure_phantom(out, task="t1t2", n_train=2, n_val=1, n_test=1, shape=(48, 48, 32), seed=3)
-    return out
 
 
 def _train(phantom: Path, root: Path, tracking: str, *overrides: str) -> subprocess.CompletedProcess:

@@ -9,16 +9,10 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from custom_components.phantom_dataset import ensure_phantom
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory):
-    out = tmp_path_factory.mktemp("phantom")
-    ensure_phantom(out, task="t1t2", n_train=2, n_val=1, n_test=1, shape=(48, 48, 32), seed=3)
-    return out
 
 
 def _parser(phantom, tmp_path, *files):

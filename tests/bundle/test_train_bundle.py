@@ -18,11 +18,6 @@ EPOCH_LENGTH = 2  # 2 training subjects, batch_size 1
 DEFAULT_VARIANT = json.loads((ROOT / "bundle" / "configs" / "train.json").read_text())["variant"]
 
 
-@pytest.fixture(scope="module")
-def phantom(tmp_path_factory):
-    out = tmp_path_factory.mktemp("phantom")
-    ensure_phantom(out, task="t1t2", n_train=2, n_val=1, n_test=1, shape=(48, 48, 32), seed=3)
-    return out
 
 
 def _run(phantom, bundle_root, *overrides, check=True):
