@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from .hyperparameters import TrainingOptions, Variant
 from .losses import AttentionNorm, DifficultyAwareLoss, GradientPenalty, attention_weight, confidence_map
 from .networks import GlobalCritic, LocalDiscriminator
 from .trainer import (
     DualAttentionKeys,
     DualAttentionTrainer,
-    Variant,
     all_variants,
     uses_global_critic,
     uses_local_discriminator,
@@ -22,6 +22,7 @@ __all__ = [
     "GlobalCritic",
     "GradientPenalty",
     "LocalDiscriminator",
+    "TrainingOptions",
     "Variant",
     "all_variants",
     "attention_weight",
@@ -37,9 +38,9 @@ __version__ = "0.3.0"
 # ``$custom_components.tracking.with_tracking(...)`` works under any config overlay, whatever its ``imports`` list holds
 # (an overlay's list replaces train.json's), without importing optional dependencies up front.
 _SUBMODULES = frozenset({
-    "caching", "checkpointing", "data", "distributed", "errors", "evaluation", "handlers", "inference", "inferers",
-    "label_task", "layouts", "losses", "metrics", "networks", "options", "paths", "phantom", "phantom_dataset",
-    "prepare", "preprocess", "readers", "runs", "schedules", "tracking", "trainer", "transforms", "weights",
+    "caching", "checkpointing", "data", "distributed", "errors", "evaluation", "handlers", "hyperparameters",
+    "inference", "inferers", "label_task", "layouts", "losses", "metrics", "networks", "options", "paths", "phantom",
+    "phantom_dataset", "patches", "prepare", "preprocess", "readers", "runs", "schedules", "tracking", "trainer", "transforms", "weights",
 })
 
 

@@ -4,36 +4,16 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 import re
 import sys
 from typing import Any
 
-from monai.utils import str2bool
+from .hyperparameters import Rule, TrainingOptions, _is_int, _is_number, as_flag
 
 __all__ = ["OPTION_RULES", "as_flag", "check_command_line", "running_workflow"]
 
-#: words a switch may be given as that ``monai.utils.str2bool`` does not know (it takes yes/true/t/y/1, no/false/f/n/0):
-#: on/off, and an empty or null value (a switch left unset on the command line) as false
-_FLAG_WORDS = {"on": "true", "off": "false", "none": "false", "null": "false", "": "false"}
-
-
-def as_flag(value: bool | str | int | None, name: str = "flag") -> bool:
-    """A boolean config option given as a bool or as the text a command line passes (``true``/``false``, ``1``/``0``).
-
-    ``python -m monai.bundle run ... --resume true`` hands the config the string ``"true"``; a bare string would
-    always be truthy, so configs read their switches through this function. The words are those of
-    ``monai.utils.str2bool``, plus ``on``/``off`` and an empty or null value (false); anything else is a
-    ``ValueError`` naming the option ``name``.
-    """
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()  # str2bool neither strips nor takes numbers
-    text = _FLAG_WORDS.get(text, text)
-    try:
-        return str2bool(text, raise_exc=True)
-    except ValueError:  # str2bool's message does not say which option was wrong
-        raise ValueError(f"{name} must be true or false, got {value!r}.") from None
+# ``as_flag`` (a switch given as command-line text) lives beside the options it reads, in
+# :mod:`custom_components.hyperparameters`; configs call it as ``custom_components.options.as_flag``.
 
 
 # --- the command line of `python -m monai.bundle run`, checked before any work -------------------------------------
@@ -41,29 +21,19 @@ def as_flag(value: bool | str | int | None, name: str = "flag") -> bool:
 #: keyword arguments of ``monai.bundle.scripts.run`` / ``ConfigWorkflow`` that are not config ids
 _RUN_ARGUMENTS = {"workflow_type", "workflow_name", "properties_path", "config_file", "meta_file", "logging_file",
                   "tracking", "run_id", "init_id", "final_id", "args_file"}
+#: training options whose values are checked on the command line, before any work (their rules are those of
+#: :class:`custom_components.hyperparameters.TrainingOptions`, the one place a training option's range is written)
+_TRAINING_OPTIONS_CHECKED = ("epochs", "batch_size", "samples_per_volume", "val_interval", "gp_interval",
+                             "error_interval", "seed", "spatial_dims", "lr_g", "lr_d1", "lr_d2", "lr_error_head",
+                             "tumour_weight", "error_weight")
 #: what each checked option must be: (test, expected); checked wherever the running config defines the id
-_POSITIVE_INT = (lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-_POSITIVE_NUMBER = (lambda v: _is_number(v) and v > 0, "a number > 0")
 OPTION_RULES: dict[str, tuple] = {
-    "epochs": _POSITIVE_INT, "batch_size": _POSITIVE_INT, "samples_per_volume": _POSITIVE_INT,
-    "val_interval": _POSITIVE_INT, "log_every": _POSITIVE_INT, "sw_batch_size": _POSITIVE_INT,
-    "gp_interval": _POSITIVE_INT, "error_interval": _POSITIVE_INT,
-    "num_workers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "seed": (lambda v: _is_int(v), "an integer"),
-    "spatial_dims": (lambda v: v in (2, 3) and _is_int(v), "2 or 3"),
-    "cache_rate": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "lr_g": _POSITIVE_NUMBER, "lr_d1": _POSITIVE_NUMBER, "lr_d2": _POSITIVE_NUMBER, "lr_error_head": _POSITIVE_NUMBER,
-    "tumour_weight": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "error_weight": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    **{name: TrainingOptions.rule(name) for name in _TRAINING_OPTIONS_CHECKED},
+    "log_every": Rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "sw_batch_size": Rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "num_workers": Rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "cache_rate": Rule(lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
 }
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _running(function_name: str, module_name: str) -> dict | None:

@@ -29,6 +29,7 @@ from .losses import (
     error_confidence,
     gap_confidence,
 )
+from .hyperparameters import FreshBatches, LocalTarget, TrainingOptions, Variant
 
 __all__ = [
     "DualAttentionKeys",
@@ -44,44 +45,13 @@ __all__ = [
 ]
 
 
-class Variant(StrEnum):
-    """Model variants compared in the paper (section 3.1-3.2)."""
-
-    UNET = "unet"  # G with the plain L1/L2 loss only
-    GLOBAL = "global"  # sGAN-1: G + global critic D1
-    LOCAL = "local"  # sGAN-2: G + local discriminator D2
-    DUAL = "dual"  # sGAN-dual: both discriminators, plain L1/L2
-    DUAL_ATTENTION = "dual_attention"  # the full method: both discriminators + difficulty-aware attention
-    ERROR_WEIGHTED = "error_weighted"  # G alone, voxel loss weighted by F from the error |Y - G(X)| (focal-style L1)
-
-
-class FreshBatches(StrEnum):
-    """Which updates of one iteration draw their own mini-batch from the training loader."""
-
-    NONE = "none"  # one batch and one G(X) for every update (cheapest)
-    GENERATOR = "generator"  # the paper (section 2.2): G is updated "using another mini-batch"
-    ALL = "all"  # additionally, every critic update after the first uses a fresh batch
-
-
-class LocalTarget(StrEnum):
-    """What the local discriminator D2 is trained to output (Eq. 4 and an option beyond the paper)."""
-
-    BINARY = "binary"  # the paper: 1 on every voxel of Y, 0 on every voxel of G(X)
-    # additionally a per-voxel composite of Y and G(X) under a random mask, whose voxels D2 must label (as in
-    # U-Net GAN, Schoenfeld et al., CVPR 2020): D2 cannot answer from global cues, only from what each region shows
-    MIXED = "mixed"
-
-
 def all_variants() -> list[str]:
-    """The names of every :class:`Variant`, in the order above (``unet``, the reference, first)."""
+    """The names of every :class:`Variant`, in the enum's order (``unet``, the reference, first)."""
     return [v.value for v in Variant]
 
 
 def _variant(variant: Variant | str) -> Variant:
-    try:
-        return Variant(variant)
-    except ValueError:
-        raise ValueError(f"variant must be one of {[v.value for v in Variant]}, got {variant!r}.") from None
+    return TrainingOptions.check("variant", variant)
 
 
 def uses_global_critic(variant: Variant | str) -> bool:
@@ -99,65 +69,15 @@ def uses_attention(variant: Variant | str) -> bool:
     return _variant(variant) in (Variant.DUAL_ATTENTION, Variant.ERROR_WEIGHTED)
 
 
-def validate_hyperparameters(*, variant: Variant | str, beta: float, p: int, lambda_gp: float, lambda_adv_global: float,
-                             lambda_adv_local: float, n_critic: int, attention_warmup: int,
-                             attention_norm: AttentionNorm | str, attention_floor: float,
-                             fresh_batches: FreshBatches | str, attention_source: AttentionSource | str,
-                             local_target: LocalTarget | str = LocalTarget.BINARY, n_local: int = 1,
-                             attention_smoothing: float = 0.0, local_mix_cell: int = 16, **_: Any) -> None:
-    """Raise a ``ValueError`` naming the first bad training option (called from the bundle's ``initialize``).
+def validate_hyperparameters(**options: Any) -> TrainingOptions:
+    """The :class:`~custom_components.hyperparameters.TrainingOptions` of ``options``, checked (train.json's
+    ``check_options``, called from the bundle's ``initialize`` with every option of ``run_options``).
 
-    Every option is required: the defaults live in one place, :class:`DualAttentionTrainer`'s signature, and a
-    caller (the trainer, train.json's ``check_options``) passes the values it will train with.
+    A thin wrapper of :meth:`TrainingOptions.from_mapping`: a bad value raises a ``ValueError`` naming the option,
+    the value and what was expected; a key that is not an option is refused, naming the closest one (it is not
+    dropped); a missing option takes its default, the trainer's.
     """
-    _variant(variant)
-    if not isinstance(beta, (int, float)) or beta < 0:
-        raise ValueError(f"beta must be a number >= 0, got {beta!r}.")
-    if p not in (1, 2):
-        raise ValueError(f"p must be 1 or 2, got {p!r}.")
-    for name, value in (("lambda_gp", lambda_gp), ("lambda_adv_global", lambda_adv_global),
-                        ("lambda_adv_local", lambda_adv_local)):
-        if not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}.")
-    if not isinstance(n_critic, int) or n_critic < 1:
-        raise ValueError(f"n_critic must be an integer >= 1, got {n_critic!r}.")
-    if attention_warmup is not None and (not isinstance(attention_warmup, int) or attention_warmup < 0):
-        raise ValueError(f"attention_warmup must be an integer >= 0 (or null: from attention_start), got "
-                         f"{attention_warmup!r}.")
-    try:
-        AttentionNorm(attention_norm)
-    except ValueError:
-        raise ValueError(
-            f"attention_norm must be one of {[a.value for a in AttentionNorm]}, got {attention_norm!r}."
-        ) from None
-    if not isinstance(attention_floor, (int, float)) or not 0.0 <= attention_floor <= 1.0:
-        raise ValueError(f"attention_floor must be a number in [0, 1], got {attention_floor!r}.")
-    try:
-        AttentionSource(attention_source)
-    except ValueError:
-        raise ValueError(
-            f"attention_source must be one of {[a.value for a in AttentionSource]}, got {attention_source!r}."
-        ) from None
-    try:
-        FreshBatches(fresh_batches)
-    except ValueError:
-        raise ValueError(
-            f"fresh_batches must be one of {[f.value for f in FreshBatches]}, got {fresh_batches!r}."
-        ) from None
-    try:
-        LocalTarget(local_target)
-    except ValueError:
-        raise ValueError(f"local_target must be one of {[t.value for t in LocalTarget]}, got {local_target!r}.") from None
-    if isinstance(n_local, bool) or not isinstance(n_local, int) or n_local < 1:
-        raise ValueError(f"n_local must be an integer >= 1, got {n_local!r}.")
-    if isinstance(local_mix_cell, bool) or not isinstance(local_mix_cell, int) or local_mix_cell < 1:
-        raise ValueError(f"local_mix_cell must be an integer >= 1 (voxels), got {local_mix_cell!r}.")
-    if not isinstance(attention_smoothing, (int, float)) or attention_smoothing < 0:
-        raise ValueError(f"attention_smoothing must be a number >= 0 (voxels), got {attention_smoothing!r}.")
-    if _variant(variant) == Variant.ERROR_WEIGHTED and AttentionSource(attention_source) in (
-            AttentionSource.GAP, AttentionSource.PREDICTED):
-        raise ValueError(f"variant 'error_weighted' always weights by the error; attention_source "
-                         f"{attention_source!r} is for the variants with a local discriminator.")
+    return TrainingOptions.from_mapping(options)
 
 
 class DualAttentionKeys(StrEnum):
@@ -240,7 +160,9 @@ class DualAttentionTrainer(Trainer):
     ``DistributedSampler`` with another seed, so that they are not the same subjects as the iteration's own batch)
     and do not count as iterations.
 
-    Options beyond the paper (all off by default in this class; the bundle's ``train.json`` chooses its own):
+    The defaults of the training options are those of :class:`custom_components.hyperparameters.TrainingOptions`,
+    which checks every value given here (one set of checks, one default per option); the bundle's ``train.json``
+    overrides them with its own. Options beyond the paper (all off by default; ``train.json`` chooses its own):
     ``local_conditional`` lets D2 see the source beside the image (a pix2pix-style pair, so a plausible but wrong
     region can be told from a right one), ``attention_norm``/``attention_floor`` reshape F (see
     :func:`custom_components.losses.attention_weight`), ``attention_warmup`` delays F until D2 has learned.
@@ -310,60 +232,58 @@ class DualAttentionTrainer(Trainer):
         train_data_loader: Iterable | DataLoader,
         g_network: torch.nn.Module,
         g_optimizer: Optimizer,
-        variant: Variant | str = Variant.DUAL_ATTENTION,
+        variant: Variant | str = TrainingOptions.variant,
         global_critic: torch.nn.Module | None = None,
         global_optimizer: Optimizer | Callable | None = None,
         local_discriminator: torch.nn.Module | None = None,
         local_optimizer: Optimizer | Callable | None = None,
-        beta: float = 2.0,
-        p: int = 1,
-        lambda_gp: float = 10.0,
-        lambda_adv_global: float = 0.01,
-        lambda_adv_local: float = 0.05,
-        n_critic: int = 1,
-        attention_warmup: int = 0,
-        attention_norm: AttentionNorm | str = AttentionNorm.NONE,
-        attention_floor: float = 0.0,
-        adversarial_warmup: int = 0,
-        local_conditional: bool = False,
-        fresh_batches: FreshBatches | str = FreshBatches.NONE,
-        attention_source: AttentionSource | str = AttentionSource.CONFIDENCE,
-        local_target: LocalTarget | str = LocalTarget.BINARY,
-        n_local: int = 1,
-        local_mix_cell: int = 16,
-        attention_smoothing: float = 0.0,
-        local_ema: float = 0.0,
+        beta: float = TrainingOptions.beta,
+        p: int = TrainingOptions.p,
+        lambda_gp: float = TrainingOptions.lambda_gp,
+        lambda_adv_global: float = TrainingOptions.lambda_adv_global,
+        lambda_adv_local: float = TrainingOptions.lambda_adv_local,
+        n_critic: int = TrainingOptions.n_critic,
+        attention_warmup: int = TrainingOptions.attention_warmup,
+        attention_norm: AttentionNorm | str = TrainingOptions.attention_norm,
+        attention_floor: float = TrainingOptions.attention_floor,
+        adversarial_warmup: int = TrainingOptions.adversarial_warmup,
+        local_conditional: bool = TrainingOptions.local_conditional,
+        fresh_batches: FreshBatches | str = TrainingOptions.fresh_batches,
+        attention_source: AttentionSource | str = TrainingOptions.attention_source,
+        local_target: LocalTarget | str = TrainingOptions.local_target,
+        n_local: int = TrainingOptions.n_local,
+        local_mix_cell: int = TrainingOptions.local_mix_cell,
+        attention_smoothing: float = TrainingOptions.attention_smoothing,
+        local_ema: float = TrainingOptions.local_ema,
         error_predictor: torch.nn.Module | None = None,
         error_optimizer: Optimizer | Callable | None = None,
         epoch_length: int | None = None,
         non_blocking: bool = False,
         prepare_batch: Callable = default_prepare_batch,
         train_handlers: Sequence | None = None,
-        precision: str = "fp32",
-        gp_interval: int = 1,
+        precision: str = TrainingOptions.precision,
+        gp_interval: int = TrainingOptions.gp_interval,
         stop_on_nonfinite: bool = True,
         optim_set_to_none: bool = True,
         to_kwargs: dict | None = None,
     ) -> None:
-        validate_hyperparameters(
+        # one set of checks, the options object's (a ValueError naming the option, the value and what was expected)
+        options = TrainingOptions.from_mapping(dict(
             variant=variant, beta=beta, p=p, lambda_gp=lambda_gp, lambda_adv_global=lambda_adv_global,
             lambda_adv_local=lambda_adv_local, n_critic=n_critic, attention_warmup=attention_warmup,
-            attention_norm=attention_norm, attention_floor=attention_floor, fresh_batches=fresh_batches,
-            attention_source=attention_source, local_target=local_target, n_local=n_local,
-            attention_smoothing=attention_smoothing, local_mix_cell=local_mix_cell,
-        )
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}.")
-        if precision == "fp16" and torch.device(device).type != "cuda":
+            attention_norm=attention_norm, attention_floor=attention_floor, adversarial_warmup=adversarial_warmup,
+            local_conditional=local_conditional, fresh_batches=fresh_batches, attention_source=attention_source,
+            local_target=local_target, n_local=n_local, local_mix_cell=local_mix_cell,
+            attention_smoothing=attention_smoothing, local_ema=local_ema, precision=precision, gp_interval=gp_interval,
+        ))
+        # what only the trainer can check: the device, and warm-ups a config resolves from its start fractions
+        if options.precision == "fp16" and torch.device(device).type != "cuda":
             raise ValueError(f"precision 'fp16' needs a CUDA device (got {device!r}); use 'bf16' on CPU.")
-        if attention_warmup is None:
-            raise ValueError("attention_warmup must be an integer >= 0 here; a bundle config resolves it from "
-                             "attention_start (custom_components.schedules.PhaseSchedule).")
-        if not isinstance(adversarial_warmup, int) or adversarial_warmup < 0:
-            raise ValueError(f"adversarial_warmup must be an integer >= 0, got {adversarial_warmup!r}.")
-        if not isinstance(gp_interval, int) or gp_interval < 1:
-            raise ValueError(f"gp_interval must be an integer >= 1, got {gp_interval!r}.")
-        self.variant = Variant(variant)
+        for name, start in (("attention_warmup", "attention_start"), ("adversarial_warmup", "adversarial_start")):
+            if getattr(options, name) is None:
+                raise ValueError(f"{name} must be an integer >= 0 here, got None; a bundle config resolves it from "
+                                 f"{start} (custom_components.schedules.PhaseSchedule).")
+        self.variant = options.variant
         for role, net, opt, needed in (
             ("global_critic", global_critic, global_optimizer, uses_global_critic(self.variant)),
             ("local_discriminator", local_discriminator, local_optimizer, uses_local_discriminator(self.variant)),
@@ -390,35 +310,35 @@ class DualAttentionTrainer(Trainer):
         if error_predictor is not None and error_optimizer is None:
             raise ValueError("error_predictor needs error_optimizer (an optimizer or a factory params -> optimizer).")
         self.error_predictor, self.error_optimizer = self._with_optimizer(error_predictor, error_optimizer)
-        if AttentionSource(attention_source) == AttentionSource.PREDICTED and error_predictor is None:
+        if options.attention_source == AttentionSource.PREDICTED and error_predictor is None:
             raise ValueError("attention_source 'predicted' needs the error-prediction head (error_predictor), got None.")
-        self.beta, self.attention_norm = float(beta), AttentionNorm(attention_norm)
-        self.attention_warmup, self.attention_floor = attention_warmup, float(attention_floor)
-        self.local_conditional = bool(local_conditional)
-        self.attention_source = AttentionSource(attention_source)
+        self.beta, self.attention_norm = options.beta, options.attention_norm
+        self.attention_warmup, self.attention_floor = options.attention_warmup, options.attention_floor
+        self.local_conditional = options.local_conditional
+        self.attention_source = options.attention_source
         if self.variant == Variant.ERROR_WEIGHTED:
             self.attention_source = AttentionSource.ERROR
-        self.local_target, self.n_local, self.local_mix_cell = LocalTarget(local_target), n_local, local_mix_cell
-        self.attention_smoothing = float(attention_smoothing)
-        if not isinstance(local_ema, (int, float)) or isinstance(local_ema, bool) or not 0.0 <= local_ema < 1.0:
-            raise ValueError(f"local_ema must be a number in [0, 1) (0 = off), got {local_ema!r}.")
-        self.local_ema = float(local_ema)
+        self.local_target, self.n_local = options.local_target, options.n_local
+        self.local_mix_cell = options.local_mix_cell
+        self.attention_smoothing = options.attention_smoothing
+        self.local_ema = options.local_ema
         self.local_discriminator_ema = None
         if self.local_ema > 0 and self.local_discriminator is not None:
             self.local_discriminator_ema = AveragedModel(
                 _unwrap(self.local_discriminator), multi_avg_fn=get_ema_multi_avg_fn(self.local_ema), use_buffers=True)
             self.local_discriminator_ema.requires_grad_(False)
-        self.adversarial_warmup = adversarial_warmup
-        self.fresh_batches = FreshBatches(fresh_batches)
+        self.adversarial_warmup = options.adversarial_warmup
+        self.fresh_batches = options.fresh_batches
         self._extra_batches: Any = None
-        self.lambda_adv_global, self.lambda_adv_local = float(lambda_adv_global), float(lambda_adv_local)
-        self.n_critic = n_critic
-        self.recon_loss = DifficultyAwareLoss(p=p)
-        self.gradient_penalty = GradientPenalty(lambda_gp)
+        self.lambda_adv_global, self.lambda_adv_local = options.lambda_adv_global, options.lambda_adv_local
+        self.n_critic = options.n_critic
+        self.recon_loss = DifficultyAwareLoss(p=options.p)
+        self.gradient_penalty = GradientPenalty(options.lambda_gp)
         self.optim_set_to_none = optim_set_to_none
-        self.precision, self.gp_interval, self.stop_on_nonfinite = precision, gp_interval, stop_on_nonfinite
+        self.precision, self.gp_interval = options.precision, options.gp_interval
+        self.stop_on_nonfinite = stop_on_nonfinite
         self.critic_steps = 0
-        use_scaler = precision == "fp16"
+        use_scaler = self.precision == "fp16"
         self.scalers = {name: torch.amp.GradScaler("cuda", enabled=use_scaler)
                         for name in ("generator", "global_critic", "local_discriminator", "error_predictor")}
         self.add_event_handler(Events.STARTED, self._check_phases)
