@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .options import as_flag
+from .readers import screen_image
 
 __all__ = [
     "SSIM_WINDOW", "check_volume_sizes", "ras_shape", "slice_size_problem",
@@ -137,7 +138,6 @@ def check_datalist(items: Sequence[dict], image_keys: Sequence[str] = ("source",
 
     Returns ``items`` unchanged, so the call can sit between a datalist and a dataset in a config.
     """
-    from .readers import screen_image
 
     if len(items) == 0:
         raise DatalistError(f"{name}: the list of subjects is empty.")

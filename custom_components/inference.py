@@ -26,8 +26,10 @@ from monai.data.utils import create_file_basename
 from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import MapTransform
 
-from .data import ras_shape, slice_size_problem
+from .checkpointing import verify_checksums
+from .data import load_datalist, ras_shape, slice_size_problem
 from .options import as_flag
+from .readers import screen_image
 from .runs import check_writable
 
 __all__ = [
@@ -118,7 +120,6 @@ class AtomicNibabelWriter(NibabelWriter):
 
 def collect_inputs(input_path: str | os.PathLike, section: str = "test", source_key: str = "source") -> list[dict]:
     """Items to synthesise: the ``section`` list of a datalist JSON, or every image file under a folder."""
-    from .data import load_datalist
 
     path = Path(input_path)
     if path.is_file() and path.suffix == ".json":
@@ -334,7 +335,6 @@ def screen_inputs(items: Sequence[dict], output_dir: str, source_key: str = "sou
     the deepest folder holding all inputs is used instead (:func:`common_root`), so no output path climbs out of
     ``output_dir``.
     """
-    from .readers import screen_image
 
     root = common_root(items, source_key)
     if data_root_dir and all(_under(i[source_key], data_root_dir) for i in items if isinstance(i.get(source_key), str)):
@@ -482,7 +482,6 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, device: str 
     """Load a state dict saved by the training run into ``network`` (``weights_only=True``), with errors that name
     the file and what was expected: a missing, empty or truncated file, a 3D model in a 2D config (or the other way
     round), or a model of another size."""
-    from .checkpointing import verify_checksums
     from .runs import check_device
 
     if device is not None:

@@ -26,7 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from .data import BRATS_LABELS, label_problems
 from .layouts import BRATS_MODALITIES, find_brats_files, find_synthrad_files, subject_dirs
+from .options import as_flag
+from .readers import screen_image
 
 __all__ = [
     "PAPER_SPLIT",
@@ -142,7 +145,6 @@ def screen_subject(job: dict[str, Any]) -> dict[str, Any]:
 
     Returns ``{"subject", "accepted", "reasons", "warnings", "files"}`` (``files`` includes the derived mask).
     """
-    from .readers import screen_image
 
     subject, files = job["subject"], dict(job["files"])
     reasons, warnings = list(job.get("problems", [])), []
@@ -180,7 +182,6 @@ def screen_subject(job: dict[str, Any]) -> dict[str, Any]:
             if not mask.any():
                 reasons.append(f"empty mask: {files['mask']} has no foreground voxel")
     if not reasons and "label" in arrays:
-        from .data import label_problems
 
         reasons += label_problems(arrays["label"], mask, files["label"], job.get("label_values"))
     if not reasons and job.get("derive_mask"):
@@ -323,7 +324,6 @@ def _prepare(name: str, jobs: list[dict], output: Path, info: dict[str, Any], fr
 
 
 def _check_output(output: str | os.PathLike, overwrite: bool) -> Path:
-    from .options import as_flag
 
     output = Path(output)
     if output.suffix != ".json":
@@ -376,7 +376,6 @@ def prepare_brats(root: str | os.PathLike, output: str | os.PathLike, source: st
 
     Returns the datalist written.
     """
-    from .options import as_flag
 
     for name, value in (("source", source), ("target", target)):
         if value not in BRATS_MODALITIES or value == "seg":
@@ -386,7 +385,6 @@ def prepare_brats(root: str | os.PathLike, output: str | os.PathLike, source: st
     output = _check_output(output, overwrite)
     _check_fractions(fractions)
     label = as_flag(label, "label")
-    from .data import BRATS_LABELS
 
     jobs = []
     users = _mask_users(output.parent, output)
@@ -424,6 +422,5 @@ def prepare_synthrad(root: str | os.PathLike, output: str | os.PathLike,
                      "ct_key": "target", "hu_min": float(hu_min)})
     info = {"description": "SynthRAD MR -> CT", "task": "mrct", "source_modality": "mr", "target_modality": "ct",
             "root": str(Path(root).resolve())}
-    from .options import as_flag
 
     return _prepare("SynthRAD", jobs, output, info, fractions, seed, workers, as_flag(paper_split, "paper_split"))

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from .data import read_datalist_json
+from .options import as_flag
 from .prepare import SECTIONS, relative_to_datalist, run_per_subject
 
 __all__ = ["n4_bias_correction", "preprocess", "preprocess_subject", "resample_onto", "rigid_register", "target_grid"]
@@ -240,8 +242,6 @@ def preprocess(input_datalist: str | os.PathLike, output_dir: str | os.PathLike,
 
     Returns ``{"done", "skipped", "failed", "datalist", "log"}``.
     """
-    from .data import read_datalist_json
-    from .options import as_flag
 
     input_datalist, output_dir = Path(input_datalist), Path(output_dir)
     content = read_datalist_json(input_datalist, name="input_datalist")  # DatalistError is a ValueError

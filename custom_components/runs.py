@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from .checkpointing import RUN_RECORD, latest_checkpoint, record_run, remove_partial_files
 from .options import as_flag
 
 __all__ = [
@@ -218,7 +219,6 @@ def run_outputs(ckpt_dir: str | os.PathLike, model_file: str | os.PathLike, outp
     """Every file a training run writes that is present in its folders: checkpoints and the run record
     (``ckpt_dir``), every ``.pt`` weight file of the model folder (``model.pt``, ``local_discriminator.pt``,
     ``error_head.pt``, ``*_final.pt``), TensorBoard event files and per-rank weights (``output_dir``)."""
-    from .checkpointing import RUN_RECORD
 
     ckpt_dir, model_file = Path(ckpt_dir), Path(model_file)
     found: list[Path] = []
@@ -260,7 +260,6 @@ def check_run_dirs(ckpt_dir: str | os.PathLike, model_file: str | os.PathLike, r
     checkpoints. Files left by a save that was killed are removed. ``resume``, ``overwrite`` and ``apply_changes``
     may be given as command-line text (see :func:`custom_components.options.as_flag`).
     """
-    from .checkpointing import latest_checkpoint, record_run, remove_partial_files
 
     if device is not None:
         check_device(device)
