@@ -364,16 +364,12 @@ def _data_wait(overrides: dict[str, Any], epochs: int, variant: str = "dual_atte
             "in_ram": int(getattr(dataset, "cache_num", len(dataset))), "cache_memory_gb": p["cache_memory_gb"]}
 
 
-#: the data-wait regimes: the default budget (the set in RAM) and a budget that forces the disk cache
-DATA_REGIMES: dict[str, dict[str, Any]] = {"ram": {}, "disk": {"cache_memory_gb": 0}}
-
-
 def _data_wait_regimes(overrides: dict[str, Any], epochs: int, disk_budget_gb: float | None = None) -> list[dict]:
-    """:func:`_data_wait` for the plain-L1 and the GAN step, from RAM and from the disk cache."""
+    """:func:`_data_wait` for the plain-L1 and the GAN step, from RAM (the default budget) and from the disk cache
+    (``cache_memory_gb`` = ``disk_budget_gb``, default 0: every subject from disk)."""
     rows = []
-    for regime, extra in DATA_REGIMES.items():
-        if regime == "disk" and disk_budget_gb is not None:
-            extra = {"cache_memory_gb": disk_budget_gb}
+    regimes = {"ram": {}, "disk": {"cache_memory_gb": 0 if disk_budget_gb is None else disk_budget_gb}}
+    for regime, extra in regimes.items():
         for variant in ("unet", "dual_attention"):
             rows.append({"regime": regime, **_data_wait({**overrides, **extra}, epochs, variant)})
             print(f"[benchmark] data wait {regime} {variant}: {rows[-1]['data_wait_share']:.1%}", file=sys.stderr,
