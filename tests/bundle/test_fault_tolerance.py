@@ -402,6 +402,23 @@ def _kill_at_a_random_moment(proc, started, rnd, pause: float, wait: float, poll
     return True
 
 
+class _ProgressTrigger:
+    """True once the inference log shows the start of input ``j`` of the ``k`` left, with ``j`` drawn at random
+    among the inputs that still have another one after them (so work remains when the kill comes)."""
+
+    def __init__(self, log, rnd):
+        self.log, self.rnd, self.target = log, rnd, None
+
+    def __call__(self) -> bool:
+        found = re.findall(r"inference (\d+)/(\d+):", self.log.read_text())
+        if not found:
+            return False
+        if self.target is None:
+            left = int(found[0][1])
+            self.target = self.rnd.randint(1, max(1, left - 1))
+        return any(int(j) >= self.target for j, _ in found)
+
+
 def _readable(path):
     import nibabel as nib
     import numpy as np
@@ -431,16 +448,21 @@ def test_inference_killed_at_random_moments_then_rerun_completes_every_output(tm
            "--output_dir", str(out), *_tiny_models(tmp_path / "models"), "--patch_size", "[32,32]"]
     finals = [out / f"s{n}_{kind}.nii.gz" for n in range(6) for kind in ("synthetic", "confidence")]
     rnd, kills = random.Random(1), 0
-    for attempt in range(6):
+    for attempt in range(8):
         with open(tmp_path / f"log{attempt}.txt", "w") as log:
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-            started = lambda: "inference 1/" in (tmp_path / f"log{attempt}.txt").read_text()  # noqa: E731, B023
-            kills += _kill_at_a_random_moment(proc, started, rnd, pause=1.5, wait=300, poll=0.05)
+            started = _ProgressTrigger(tmp_path / f"log{attempt}.txt", rnd)
+            kills += _kill_at_a_random_moment(proc, started, rnd, pause=0.4, wait=300, poll=0.02)
             proc.wait(timeout=120)
         # whatever moment the kill hit, no file under a final name is incomplete
         assert all(_readable(f) for f in finals if f.exists()), [f.name for f in finals if f.exists() and not _readable(f)]
         if all(f.exists() for f in finals):
-            break
+            if kills >= 2:
+                break
+            # a fast machine finished the rest before the kill: take two subjects' outputs away and go on, so the
+            # test always sees at least two kills (the property is the same: a rerun completes what is missing)
+            for f in finals[:4]:
+                f.unlink()
     assert kills >= 2
     rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     log = rerun.stdout + rerun.stderr
