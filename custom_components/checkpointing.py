@@ -37,6 +37,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers.checkpoint import BaseSaveHandler, Checkpoint
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from .hyperparameters import normalised_options
+
 __all__ = [
     "AtomicCheckpointSaver",
     "AtomicDiskSaver",
@@ -251,7 +253,7 @@ def record_run(ckpt_dir: str | os.PathLike, options: Mapping[str, Any], resume: 
     ckpt_dir = Path(ckpt_dir)
     record = ckpt_dir / RUN_RECORD
     history: list[dict] = json.loads(record.read_text()) if record.is_file() else []
-    options = _jsonable(dict(options))
+    options = _jsonable(normalised_options(options))
     entry: dict[str, Any] = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "options": options}
     changes: list[str] = []
     if resume:
@@ -266,7 +268,7 @@ def record_run(ckpt_dir: str | os.PathLike, options: Mapping[str, Any], resume: 
                 f"Pass a larger --epochs to train on from it."
             )
         if history:
-            before = history[-1]["options"]
+            before = _jsonable(normalised_options(history[-1]["options"]))  # a record written before normalising
             changes = [f"{k}: {before.get(k)!r} in the checkpointed run, {options.get(k)!r} now"
                        for k in sorted(set(before) | set(options))
                        if k not in RESUMABLE_CHANGES and before.get(k) != options.get(k)]

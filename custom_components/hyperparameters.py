@@ -5,7 +5,10 @@ the trainer's keyword defaults are its defaults (:class:`custom_components.train
 reads them from here), the trainer validates its options through it, ``validate_hyperparameters`` (train.json's
 ``check_options``) builds it from train.json's ``run_options`` (the options written to ``run_config.json`` and sent
 to MLflow), and the command-line check takes its rules for training options from it
-(:data:`custom_components.options.OPTION_RULES`). Unknown keys are refused, naming the closest option.
+(:data:`custom_components.options.OPTION_RULES`). Unknown keys are refused, naming the closest option. The run
+record (``run_config.json``) and the resume comparison store each option as this object stores it
+(:func:`normalised_options`), and the ablation, the tuner and the benchmark check their overrides with its rules
+before any run (:func:`check_overrides`).
 
 This module stands on the ground floor: it imports the standard library, ``monai.utils`` and the two enums of
 :mod:`custom_components.losses`, and nothing that imports the trainer.
@@ -16,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 from monai.utils import StrEnum, str2bool
@@ -25,6 +29,7 @@ from .losses import AttentionNorm, AttentionSource
 
 __all__ = [
     "PRECISIONS", "FreshBatches", "LocalTarget", "Rule", "TRAINER_OPTIONS", "TrainingOptions", "Variant", "as_flag",
+    "check_overrides", "normalised_options",
 ]
 
 
@@ -301,3 +306,46 @@ class TrainingOptions:
 #: the options :class:`custom_components.trainer.DualAttentionTrainer` takes as keyword arguments (a test keeps this
 #: equal to the trainer's signature)
 TRAINER_OPTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainingOptions) if f.metadata["trainer"])
+
+
+def check_overrides(overrides: Mapping[str, Any], config_ids: Iterable[str] | None = None,
+                    what: str = "override") -> dict[str, Any]:
+    """``overrides`` (config id -> value, as a script passes them to ``python -m monai.bundle run``), checked before
+    any work: a training option's value by its rule in :class:`TrainingOptions` (a ``ValueError`` naming the option,
+    the value and what was expected), and, given ``config_ids``, every other key against the ids the configs define
+    (naming the closest). A value holding ``{seed}`` is a per-seed template and is checked once it is filled in.
+    Returns the overrides unchanged."""
+    names = set(TrainingOptions.names())
+    known = None if config_ids is None else set(config_ids) | names
+    problems = []
+    for key, value in overrides.items():
+        base = re.split(r"#|::", str(key))[0]
+        if base in names:
+            if isinstance(value, str) and "{seed}" in value:
+                continue
+            try:
+                TrainingOptions.check(base, value)
+            except ValueError as e:
+                problems.append(f"{what} {e}")
+        elif known is not None and base not in known:
+            close = difflib.get_close_matches(base, sorted(known), n=1, cutoff=0.6)
+            hint = f": did you mean {close[0]!r}?" if close else ""
+            problems.append(f"{what} {key!r} is not an option of the configs{hint}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return dict(overrides)
+
+
+def normalised_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with each training option's value as :class:`TrainingOptions` stores it (an enum as its value, a
+    switch as a bool, a real number as a float), so that ``"false"`` and ``False``, or ``2`` and ``2.0``, compare
+    equal; other keys, and a value its option's rule refuses, are kept as given (for a record and its comparison)."""
+    names, out = set(TrainingOptions.names()), {}
+    for key, value in options.items():
+        if key in names:
+            try:
+                value = TrainingOptions.check(key, value)
+            except (ValueError, TypeError):
+                pass
+        out[key] = value.value if isinstance(value, StrEnum) else value
+    return out

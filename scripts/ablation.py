@@ -43,6 +43,24 @@ WEIGHTS = {"eval": {}, "eval_final": {"model_file": "model_final.pt", "local_d_f
                                       "error_head_file": "error_head_final.pt"}}
 
 
+def config_ids() -> set[str]:
+    """The ids train.json and evaluate.json define (the keys a run's overrides may set)."""
+    configs = ROOT / "bundle" / "configs"
+    return {key for name in ("train.json", "evaluate.json")
+            for key in json.loads((configs / name).read_text())}
+
+
+def check_arms(arms: dict, common: dict) -> None:
+    """Refuse, before any run, an arm or a common override that names no config id or gives a training option a
+    value its rule refuses (:func:`custom_components.hyperparameters.check_overrides`)."""
+    from custom_components.hyperparameters import check_overrides
+
+    ids = config_ids()
+    check_overrides(common, ids, what="override")
+    for name, arm in arms.items():
+        check_overrides(arm, ids, what=f"arm {name!r}:")
+
+
 def _arg(value) -> str:
     return repr(value) if isinstance(value, (list, dict, tuple)) else str(value)
 
@@ -353,6 +371,7 @@ def main(output_dir: str = "ablation", arms: dict | None = None, seeds: list | t
     common = {"epochs": epochs, "dataset_dir": str(Path(dataset_dir).resolve()) if dataset_dir else str(out / "data"),
               "phantom": phantom or {"task": "t1t2", "n_train": 16, "n_val": 4, "n_test": 12, "seed": 0, "tumour_mode": "learnable"},
               **(overrides or {})}
+    check_arms(arms, common)
     if not aggregate_only:
         threads = max(1, (os.cpu_count() or 1) // workers)
         jobs = [(name, arm, seed) for seed in seeds for name, arm in arms.items()]

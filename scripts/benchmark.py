@@ -510,7 +510,10 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple | None = None, 
         return None
     import torch
 
+    from ablation import config_ids
+
     from custom_components import all_variants
+    from custom_components.hyperparameters import check_overrides
 
     chosen_stages = set(STAGES if stages is None else ([stages] if isinstance(stages, str) else stages))
     if chosen_stages - set(STAGES):
@@ -521,7 +524,7 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple | None = None, 
     unknown = [w for w in widths if w not in WIDTHS]
     if unknown:
         raise ValueError(f"widths must be among {sorted(WIDTHS)}, got {unknown!r}.")
-    base = dict(overrides or {})
+    base = check_overrides(dict(overrides or {}), config_ids())  # before any measurement: a typo fails at once
     if real_size:
         n_train = int(cache_subjects or REAL_SIZE_PHANTOM["n_train"])
         base["phantom"] = {**REAL_SIZE_PHANTOM, "n_train": n_train}

@@ -49,6 +49,20 @@ SEARCH_SPACE: dict[str, list] = {
 REFERENCES: dict[str, dict] = {"unet": {"variant": "unet"}, "shipped": {}}
 
 
+def check_space(space: dict[str, list], common: dict) -> None:
+    """Refuse, before any run, a searched option that is not a training option or a choice its rule refuses, and a
+    common override that names no config id (every choice is checked: a bad one would fail only when TPE samples
+    it, possibly after hours)."""
+    from ablation import check_arms
+
+    from custom_components.hyperparameters import TrainingOptions
+
+    not_options = sorted(set(space) - set(TrainingOptions.names()))
+    if not_options:
+        raise ValueError(f"the search space holds {not_options}, which are not training options.")
+    check_arms({f"{k}={v!r}": {k: v} for k, choices in space.items() for v in choices}, common)
+
+
 def objective_value(metrics: dict[str, float], reference: dict[str, float], tolerance: float = 0.2,
                     penalty: float = 2.0, ssim_tolerance: float = 0.005, ssim_penalty: float = 100.0) -> float:
     """Tumour PSNR, minus ``penalty`` per dB of whole-volume PSNR lost beyond ``tolerance`` and ``ssim_penalty`` per
@@ -131,6 +145,7 @@ def main(output_dir: str = "tune", n_trials: int = 6, epochs: int = 60, seed: in
               "phantom": phantom or {"task": "t1t2", "n_train": 16, "n_val": 4, "n_test": 12, "seed": 0,
                                      "tumour_mode": "learnable"},
               **(overrides or {})}
+    check_space(SEARCH_SPACE, common)
     threads = max(1, (os.cpu_count() or 1) // max(1, n_jobs))
     refs = {name: {w: _mean_metrics(run_arm(name, arm, seed, out, common, threads, eval_section="validation"), w)
                    for w in ("eval", "eval_final")} for name, arm in REFERENCES.items()}

@@ -146,6 +146,19 @@ def test_resume_with_changed_options_is_refused_listing_them_or_applied(tmp_path
         record_run(tmp_path, options, resume=True, epochs=2)
 
 
+def test_resume_with_the_same_options_written_another_way_is_not_a_change(tmp_path):
+    """The record holds each training option as TrainingOptions stores it: ``--local_conditional false`` (text), a
+    ``beta`` of 2 (an int) and ``variant`` as text compare equal to the recorded False, 2.0 and enum value."""
+    record_run(tmp_path, {"local_conditional": False, "beta": 2.0, "variant": "dual_attention", "epochs": 4})
+    _trainer_ckpt(tmp_path / "checkpoint_epoch=2.pt", 4, 2)
+    again = {"local_conditional": "false", "beta": 2, "variant": "dual_attention", "epochs": 4}
+    assert record_run(tmp_path, again, resume=True, epochs=6) == []
+    history = json.loads((tmp_path / "run_config.json").read_text())
+    assert history[-1]["options"]["local_conditional"] is False and history[-1]["options"]["beta"] == 2.0
+    with pytest.raises(ResumeError, match="local_conditional: False in the checkpointed run, True now"):
+        record_run(tmp_path, dict(again, local_conditional="true"), resume=True, epochs=6)
+
+
 def test_apply_changes_sets_the_new_learning_rate_on_the_restored_optimizer(tmp_path):
     net = torch.nn.Linear(2, 1)
     engine = Engine(lambda e, b: None)

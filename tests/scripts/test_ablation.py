@@ -127,3 +127,21 @@ def test_curves_are_read_from_the_training_log(tmp_path):
     assert sorted(curve) == [5, 10]  # the appended test-set evaluation (Epoch[1]) is not a validation point
     rows = ablation.curves_table(tmp_path, ["unet"], [0, 1])
     assert [(r["epoch"], r["val_psnr"], r["n_seeds"]) for r in rows] == [(5, 12.5, 1), (10, 15.0, 1)]
+
+
+def test_a_mistyped_or_bad_arm_option_is_refused_before_any_run(tmp_path, monkeypatch):
+    """Issue 20: the ablation checks every arm and common override with TrainingOptions' rules and the configs' ids
+    before training anything (a typo used to surface as a failed subprocess, after the earlier arms had run)."""
+    ran = []
+    monkeypatch.setattr(ablation, "run_arm", lambda *a, **k: ran.append(a))
+    with pytest.raises(ValueError, match=r"arm 'b': 'lambda_adv_locl' is not an option of the configs: did you "
+                                         r"mean 'lambda_adv_local'\?"):
+        ablation.main(output_dir=str(tmp_path), arms={"a": {"variant": "unet"}, "b": {"lambda_adv_locl": 0.1}},
+                      reference="a")
+    with pytest.raises(ValueError, match=r"arm 'a': beta must be a number >= 0, got -1"):
+        ablation.main(output_dir=str(tmp_path), arms={"a": {"variant": "unet", "beta": -1}}, reference="a")
+    with pytest.raises(ValueError, match=r"override variant must be one of"):
+        ablation.main(output_dir=str(tmp_path), arms={"a": {}}, reference="a", overrides={"variant": "unett"})
+    assert ran == []
+    # a per-seed template and the configs' other ids pass
+    ablation.check_arms({"a": {"pretrained_generator": "pre/seed_{seed}/model.pt", "num_workers": 0}}, {"epochs": 2})

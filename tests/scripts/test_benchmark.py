@@ -194,3 +194,12 @@ def test_cache_probe_measures_the_built_training_set(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.split("CACHE ", 1)[1])
     assert out["subjects"] == 2 and out["in_ram"] == 2 and out["dataset"] == "BudgetCacheDataset"
     assert out["rss_after_mb"] >= out["rss_before_mb"] > 0
+
+
+def test_a_mistyped_override_is_refused_before_any_measurement(tmp_path):
+    """Issue 20: the benchmark checks its overrides (TrainingOptions' rules, the configs' ids) before measuring."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "scripts/benchmark.py", "--overrides", "{'gp_intervl': 4}",
+                           "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "'gp_intervl' is not an option of the configs: did you mean 'gp_interval'?" in proc.stderr
+    assert not out.exists()

@@ -42,3 +42,12 @@ def test_last_logged_value(tmp_path):
     log.write_text("x val_local_qa_auroc_worst: 0.5123 y\nz val_local_qa_auroc_worst: 0.6 \n")
     assert tune.last_logged(log, "val_local_qa_auroc_worst") == pytest.approx(0.6)
     assert tune.last_logged(log, "missing") != tune.last_logged(log, "missing")  # NaN
+
+
+def test_every_choice_of_the_search_space_is_checked_before_any_run(monkeypatch):
+    """Issue 20: a bad choice would fail only when TPE samples it; check_space refuses it at start."""
+    tune.check_space(tune.SEARCH_SPACE, {"epochs": 2})
+    with pytest.raises(ValueError, match=r"attention_floor must be a number in \[0, 1\], got 1.5"):
+        tune.check_space({**tune.SEARCH_SPACE, "attention_floor": [0.0, 1.5]}, {})
+    with pytest.raises(ValueError, match=r"not training options"):
+        tune.check_space({"num_workers": [0, 1]}, {})
