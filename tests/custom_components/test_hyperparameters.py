@@ -220,5 +220,5 @@ def test_the_options_module_stands_on_the_ground_floor():
             imported |= {a.name for a in node.names}
     package = {m for m in imported if m.startswith(".")}
     assert package == {".losses"}
-    assert not {m for m in imported - package if not re.match(r"^(__future__|dataclasses|difflib|math|collections"
+    assert not {m for m in imported - package if not re.match(r"^(__future__|dataclasses|difflib|math|re|collections"
                                                               r"\.abc|typing|monai\.utils)$", m)}
