@@ -38,9 +38,10 @@ __version__ = "0.3.0"
 # ``$custom_components.tracking.with_tracking(...)`` works under any config overlay, whatever its ``imports`` list holds
 # (an overlay's list replaces train.json's), without importing optional dependencies up front.
 _SUBMODULES = frozenset({
-    "caching", "checkpointing", "data", "distributed", "errors", "evaluation", "handlers", "hyperparameters",
-    "inference", "inferers", "label_task", "layouts", "losses", "metrics", "networks", "options", "paths", "phantom",
-    "phantom_dataset", "patches", "prepare", "preprocess", "readers", "runs", "schedules", "tracking", "trainer", "transforms", "weights",
+    "caching", "checkpointing", "data", "distributed", "errors", "evaluation", "events", "gan_steps", "guards",
+    "handlers", "hyperparameters", "inference", "inferers", "label_task", "layouts", "losses", "metrics", "networks",
+    "options", "paths", "phantom", "phantom_dataset", "patches", "prepare", "preprocess", "readers", "runs",
+    "schedules", "tracking", "trainer", "transforms", "variants", "weights",
 })
 
 

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
+from .events import CriticUpdate, DualAttentionEvents, DualAttentionKeys
 from .losses import GradientPenalty
-from .trainer import DualAttentionKeys
 
 __all__ = [
     "ErrorWeightedSampling",
@@ -55,42 +55,53 @@ def attach_handlers(engine: Engine, handlers: Iterable[Any]) -> None:
 
 
 class GradientPenaltyHandler:
-    """Event hook that evaluates the WGAN-GP penalty (Eq. 2) of a critic and logs it.
+    """The gradient penalty of WGAN-GP (Eq. 2; Gulrajani et al. 2017), added by events to the critic's loss.
 
-    For engines that do not compute the penalty themselves (e.g. MONAI's ``AdversarialTrainer``) or to monitor
-    Lipschitz-ness of a critic during training. It does not update any weights: the value is stored in
-    ``engine.state.metrics[name]`` and logged every ``interval`` iterations.
+    Attached to an engine firing :class:`~custom_components.events.DualAttentionEvents` (the trainer attaches one
+    itself whenever it trains a global critic), it adds ``lambda_gp * interval * mean (||grad D1(X_hat)||_2 - 1)^2``
+    to the loss of every ``interval``-th critic update, counted in ``engine.state.critic_steps``: at
+    ``CRITIC_STARTED`` it adds the interpolates X_hat = a Y + (1 - a) G(X) (a ~ U(0, 1) per sample) to the images
+    the update scores, so that the critic sees real, fake and interpolated images in one forward pass; at
+    ``CRITIC_LOSS_COMPLETED`` it adds the penalty of their scores to the loss, in the same backward pass and the same
+    update as the Wasserstein term. With ``interval`` 1 this is Eq. 2 exactly; with k > 1 it is the lazy
+    regularisation of StyleGAN2 (Karras et al. 2020, section 3.1), here folded into every k-th critic update with
+    weight k instead of run as an update of its own. The penalty (incl. lambda, without the factor k) is reported
+    under ``DualAttentionKeys.GP``.
 
     Args:
-        critic: the critic whose input gradient is penalised.
-        lambda_gp: penalty weight.
-        output_transform: engine output -> (real, fake) image batches.
-        name: key in ``engine.state.metrics`` and in the log.
-        interval: evaluate every ``interval`` iterations.
-        logger_name: logger to write to (``None``: this module's logger).
+        lambda_gp: penalty weight lambda (10 in the WGAN-GP paper), >= 0.
+        interval: add the penalty every ``interval`` critic updates, weighted by ``interval``; >= 1.
     """
 
-    def __init__(self, critic: torch.nn.Module, lambda_gp: float = 10.0,
-                 output_transform: Callable = lambda x: x, name: str = "gradient_penalty", interval: int = 1,
-                 logger_name: str | None = None) -> None:
-        if interval < 1:
-            raise ValueError(f"interval must be >= 1, got {interval!r}.")
-        self.critic = critic
+    def __init__(self, lambda_gp: float = 10.0, interval: int = 1) -> None:
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"interval must be an integer >= 1, got {interval!r}.")
         self.penalty = GradientPenalty(lambda_gp)
-        self.output_transform = output_transform
-        self.name = name
         self.interval = interval
-        self.logger = logging.getLogger(logger_name or __name__)
+        self._slot: int | None = None  # where the interpolates stand among the inputs of the current update
+
+    @property
+    def lambda_gp(self) -> float:
+        return self.penalty.lambda_gp
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self)
+        engine.add_event_handler(DualAttentionEvents.CRITIC_STARTED(every=self.interval), self.add_interpolates)
+        engine.add_event_handler(DualAttentionEvents.CRITIC_LOSS_COMPLETED(every=self.interval), self.add_penalty)
 
-    def __call__(self, engine: Engine) -> None:
-        real, fake = self.output_transform(engine.state.output)
-        value = self.penalty(self.critic, real, fake).item()
-        self.critic.zero_grad(set_to_none=True)
-        engine.state.metrics[self.name] = value
-        self.logger.info("iteration %d: %s = %.6g", engine.state.iteration, self.name, value)
+    def add_interpolates(self, engine: Engine) -> None:
+        update: CriticUpdate = engine.state.critic_update
+        self._slot = len(update.inputs)
+        update.inputs.append(self.penalty.interpolate(update.real, update.fake))
+
+    def add_penalty(self, engine: Engine) -> None:
+        update: CriticUpdate = engine.state.critic_update
+        if self._slot is None or self._slot >= len(update.scores):
+            raise RuntimeError("CRITIC_LOSS_COMPLETED fired for an update this handler added no interpolates to: "
+                               "the engine must fire CRITIC_STARTED before the critic's forward pass.")
+        slot, self._slot = self._slot, None
+        gp = self.penalty.penalty(update.scores[slot], update.inputs[slot], update.scaler)
+        update.loss = update.loss + self.interval * gp
+        update.terms[DualAttentionKeys.GP] = gp
 
 
 def every_n_iterations(n: int) -> Callable[[Engine, int], bool]:

@@ -10,7 +10,8 @@ from ignite.engine import Engine, Events
 from monai.utils import StrEnum
 from torch.optim import Optimizer
 
-from .trainer import Variant, uses_attention, uses_global_critic, uses_local_discriminator
+from .hyperparameters import Variant
+from .variants import uses_attention, uses_global_critic, uses_local_discriminator
 
 __all__ = ["DelayedValidationHandler", "IterationLrSchedule", "LrSchedule", "PhaseSchedule", "iterations_per_epoch"]
 

@@ -13,6 +13,7 @@ from custom_components.handlers import (
     image_panels,
     loss_terms,
 )
+from custom_components.events import EVENT_TO_ATTR, CriticUpdate, DualAttentionEvents
 from custom_components.trainer import DualAttentionKeys
 
 
@@ -47,22 +48,52 @@ def test_attach_handlers_attaches_in_order_and_skips_disabled_ones():
     assert seen == ["saver", "loader"]
 
 
-def test_gradient_penalty_handler_logs_without_training():
-    critic = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 1))
-    before = [p.clone() for p in critic.parameters()]
-    handler = GradientPenaltyHandler(critic, lambda_gp=10.0, output_transform=lambda o: (o["real"], o["fake"]),
-                                     interval=2)
-    engine = Engine(lambda e, b: {"real": torch.rand(3, 1, 4, 4), "fake": torch.rand(3, 1, 4, 4)})
-    handler.attach(engine)
+def _critic_engine(critic, real, fake):
+    """A dummy engine whose iteration is one critic update firing the trainer's critic events (no optimizer)."""
     seen = []
-    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.metrics.get("gradient_penalty")))
+
+    def update(engine, _):
+        engine.state.critic_steps += 1
+        step = engine.state.critic_update = CriticUpdate(real, fake)
+        engine.fire_event(DualAttentionEvents.CRITIC_STARTED)
+        step.scores = [critic(x) for x in step.inputs]
+        step.loss = step.scores[1].mean() - step.scores[0].mean()
+        engine.fire_event(DualAttentionEvents.CRITIC_LOSS_COMPLETED)
+        seen.append((len(step.inputs), step.loss.item(), {k: v.item() for k, v in step.terms.items()}))
+
+    engine = Engine(update)
+    engine.register_events(*DualAttentionEvents, event_to_attr=EVENT_TO_ATTR)
+    return engine, seen
+
+
+def test_gradient_penalty_handler_adds_the_lazy_penalty_to_every_kth_critic_loss():
+    """For a linear critic d(x) = w.x + b the input gradient is w: GP = lambda (||w|| - 1)^2 on every interpolate."""
+    critic = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 1))
+    real, fake = torch.rand(3, 1, 4, 4), torch.rand(3, 1, 4, 4)
+    engine, seen = _critic_engine(critic, real, fake)
+    handler = GradientPenaltyHandler(lambda_gp=10.0, interval=2)
+    handler.attach(engine)
     engine.run([0] * 4, max_epochs=1)
-    assert seen[0] is None and seen[1] is not None and seen[1] > 0
-    w = critic[1].weight.detach()
-    assert seen[-1] == pytest.approx(10.0 * (w.norm().item() - 1.0) ** 2, rel=1e-4)
-    assert all(torch.equal(a, b) for a, b in zip(before, critic.parameters()))
+    with torch.no_grad():
+        wasserstein_loss = (critic(fake).mean() - critic(real).mean()).item()
+    gp = 10.0 * (critic[1].weight.norm().item() - 1.0) ** 2
+    assert [n for n, _, _ in seen] == [2, 3, 2, 3]  # the interpolates are scored only when the penalty is due
+    for step, (_, loss, terms) in enumerate(seen, start=1):
+        due = step % 2 == 0
+        assert loss == pytest.approx(wasserstein_loss + (2 * gp if due else 0.0), rel=1e-5)  # weighted by the interval
+        assert terms == ({DualAttentionKeys.GP: pytest.approx(gp, rel=1e-5)} if due else {})
+    assert handler.lambda_gp == 10.0
     with pytest.raises(ValueError, match="interval"):
-        GradientPenaltyHandler(critic, interval=0)
+        GradientPenaltyHandler(interval=0)
+
+
+def test_gradient_penalty_handler_refuses_a_loss_event_without_its_interpolates():
+    critic = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 1))
+    engine, _ = _critic_engine(critic, torch.rand(2, 1, 4, 4), torch.rand(2, 1, 4, 4))
+    handler = GradientPenaltyHandler()
+    engine.add_event_handler(DualAttentionEvents.CRITIC_LOSS_COMPLETED, handler.add_penalty)  # CRITIC_STARTED unhooked
+    with pytest.raises(RuntimeError, match="CRITIC_STARTED"):
+        engine.run([0], max_epochs=1)
 
 
 def test_every_n_iterations_filter():

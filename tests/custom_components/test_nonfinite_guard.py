@@ -66,3 +66,28 @@ def test_finite_training_is_not_stopped():
     trainer.run()
     assert trainer.state.iteration == 2
     assert all(torch.isfinite(t).all() for t in list(g.parameters()) + list(g.buffers()) if t.is_floating_point())
+
+
+def test_the_guard_is_its_own_handler_and_forgets_the_updates_of_the_previous_iteration():
+    """Driven by a dummy engine: each iteration updates one network; the record starts empty at every iteration."""
+    from ignite.engine import Engine
+
+    from custom_components.guards import NonFiniteGuard
+
+    guard, net, notes = NonFiniteGuard(), torch.nn.Linear(2, 1), []
+
+    def update(engine, batch):
+        notes.append(guard.note())
+        guard.check_update(engine, batch, net)
+        guard.check_loss(engine, "loss", torch.tensor(float("nan") if engine.state.iteration == 3 else 1.0))
+
+    engine = Engine(update)
+    guard.attach(engine)
+    with pytest.raises(FloatingPointError, match=r"iteration 3 \(epoch 1\): loss term 'loss' is nan.* updated in this "
+                                                 r"iteration: local_discriminator;"):
+        engine.run(["generator", "global_critic", "local_discriminator"], max_epochs=1)
+    assert all(note.startswith("No network was updated") for note in notes)
+    off = NonFiniteGuard(enabled=False)
+    off.check_loss(engine, "loss", torch.tensor(float("inf")))  # switched off: nothing raised, the record still kept
+    off.check_update(engine, "generator", net)
+    assert off.updated == ["generator"]
