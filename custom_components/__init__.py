@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .hyperparameters import TrainingOptions, Variant
-from .losses import AttentionNorm, DifficultyAwareLoss, GradientPenalty, attention_weight, confidence_map
-from .networks import GlobalCritic, LocalDiscriminator
-from .trainer import (
+from .config.hyperparameters import TrainingOptions, Variant
+from .losses.synthesis import AttentionNorm, DifficultyAwareLoss, GradientPenalty, attention_weight, confidence_map
+from .networks.nets import GlobalCritic, LocalDiscriminator
+from .engines.trainer import (
     DualAttentionKeys,
     DualAttentionTrainer,
     all_variants,
@@ -30,19 +30,17 @@ __all__ = [
     "uses_global_critic",
     "uses_local_discriminator",
     "validate_hyperparameters",
-]  # the sub-modules of _SUBMODULES are left out: ``import *`` would load them all, optional dependencies included
+]  # the groups are left out: ``import *`` would load them all, the applications included
 
 __version__ = "0.3.0"
 
-# Sub-modules load on first attribute access, so a config expression such as
-# ``$custom_components.tracking.with_tracking(...)`` works under any config overlay, whatever its ``imports`` list holds
-# (an overlay's list replaces train.json's), without importing optional dependencies up front.
-_SUBMODULES = frozenset({
-    "caching", "checkpointing", "data", "distributed", "errors", "evaluation", "events", "gan_steps", "guards",
-    "handlers", "hyperparameters", "inference", "inferers", "label_task", "layouts", "losses", "metrics", "networks",
-    "options", "paths", "phantom", "phantom_dataset", "patches", "prepare", "preprocess", "readers", "runs",
-    "schedules", "tracking", "trainer", "transforms", "variants", "weights",
-})
+# The groups, from the ground floor up (a module imports only from its group and the groups below it). A group loads
+# on first attribute access, so a config expression such as ``$custom_components.utils.tracking.with_tracking(...)``
+# works under any config overlay, whatever its ``imports`` list holds (an overlay's list replaces train.json's),
+# without importing the applications and their optional dependencies up front.
+_GROUPS = ("utils", "losses", "config", "networks", "transforms", "data", "inferers", "metrics", "engines", "handlers",
+          "apps")
+_SUBMODULES = frozenset(_GROUPS)
 
 
 def __getattr__(name: str):

@@ -13,7 +13,7 @@ float32 NIfTI in the geometry of the volume, posted or named by its datastore id
 
     curl -X POST "http://127.0.0.1:8000/infer/synthesis?output=image" -F "file=@t1.nii.gz" -o t1_synthetic.nii.gz
 
-The two share one :class:`custom_components.label_task.Synthesiser`: the configs are read and the networks loaded
+The two share one :class:`custom_components.apps.label_task.Synthesiser`: the configs are read and the networks loaded
 once, at the first request. MONAI Label writes the server's log to ``monailabel_app/logs/`` (git-ignored).
 
 Temporary files: the app gives the server process a temporary folder of its own (``monailabel_synthesis_*`` in the
@@ -49,7 +49,7 @@ def _bundle_dir(conf: dict) -> Path:
             if str(root) not in sys.path:
                 sys.path.insert(0, str(root))
             break
-    from custom_components.paths import config_files
+    from custom_components.config.paths import config_files
 
     missing = [f for f in config_files(bundle, "infer") if not os.path.isfile(f)]
     if missing:
@@ -98,7 +98,7 @@ class SynthesisApp(MONAILabelApp):
                          description="Cross-modality synthesis with a dual-attention GAN bundle", version=version)
 
     def init_infers(self) -> dict:
-        from custom_components.label_task import SynthesisTask, Synthesiser
+        from custom_components.apps.label_task import SynthesisTask, Synthesiser
 
         shared = Synthesiser(self.bundle, {"device": self.device})  # configs read once, networks loaded once
         return {

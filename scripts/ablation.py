@@ -52,8 +52,8 @@ def config_ids() -> set[str]:
 
 def check_arms(arms: dict, common: dict) -> None:
     """Refuse, before any run, an arm or a common override that names no config id or gives a training option a
-    value its rule refuses (:func:`custom_components.hyperparameters.check_overrides`)."""
-    from custom_components.hyperparameters import check_overrides
+    value its rule refuses (:func:`custom_components.config.hyperparameters.check_overrides`)."""
+    from custom_components.config.hyperparameters import check_overrides
 
     ids = config_ids()
     check_overrides(common, ids, what="override")

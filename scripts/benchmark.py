@@ -245,7 +245,7 @@ def _inference(overrides: dict[str, Any], repeats: int) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from custom_components.inference import ConfidenceMapd
+    from custom_components.transforms.confidence import ConfidenceMapd
 
     p = _parser({**overrides, "variant": "dual_attention"})
     g = p.get_parsed_content("network").eval()
@@ -382,8 +382,8 @@ def _patch_cost(overrides: dict[str, Any], batches: int = 40) -> dict[str, float
     (``RandTableWeightedCropd`` -> ``SqueezeDimd`` -> ``RandFlipd``), side by side on the same cached volumes."""
     from monai.transforms import RandFlipd, SqueezeDimd
 
-    from custom_components.patches import FusedPatchd
-    from custom_components.transforms import RandTableWeightedCropd, UntrackedCompose
+    from custom_components.transforms.patches import FusedPatchd
+    from custom_components.transforms.dictionary import RandTableWeightedCropd, UntrackedCompose
 
     p = _parser(overrides)
     dataset = p.get_parsed_content("train#dataset")
@@ -513,7 +513,7 @@ def main(steps: int = 6, warmup: int = 2, variants: list | tuple | None = None, 
     from ablation import config_ids
 
     from custom_components import all_variants
-    from custom_components.hyperparameters import check_overrides
+    from custom_components.config.hyperparameters import check_overrides
 
     chosen_stages = set(STAGES if stages is None else ([stages] if isinstance(stages, str) else stages))
     if chosen_stages - set(STAGES):

@@ -59,7 +59,7 @@ def check_weights(bundle_dir: str | Path, models_dir: str | Path | None = None) 
     import torch
     from monai.bundle import ConfigParser
 
-    from custom_components.paths import config_files
+    from custom_components.config.paths import config_files
 
     bundle_dir = Path(bundle_dir).resolve()
     models_dir = Path(models_dir) if models_dir is not None else bundle_dir / "models"
@@ -162,7 +162,7 @@ def export(output_dir: str = "release", bundle_dir: str = str(ROOT / "bundle"), 
     return str(archive)
 
 
-RUN_RECORD = "checkpoints/run_config.json"  # written by custom_components.checkpointing.record_run, one entry per run
+RUN_RECORD = "checkpoints/run_config.json"  # written by custom_components.handlers.checkpointing.record_run, one entry per run
 
 
 def current_run(run_dir: str | Path) -> dict | None:

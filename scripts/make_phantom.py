@@ -37,12 +37,12 @@ SECTIONS = ("training", "validation", "test")
 
 
 def _import_phantom_dataset():  # noqa: ANN202 - returns a module
-    """Import ``custom_components.phantom_dataset``, adding the repository root to sys.path if needed."""
+    """Import ``custom_components.apps.phantom_dataset``, adding the repository root to sys.path if needed."""
     try:
-        from custom_components import phantom_dataset
+        from custom_components.apps import phantom_dataset
     except ModuleNotFoundError:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from custom_components import phantom_dataset
+        from custom_components.apps import phantom_dataset
     return phantom_dataset
 
 
@@ -91,7 +91,7 @@ def main(output_dir: str, verbose: bool = True, studies_dir: str | None = None, 
         studies_dir: also copy the source volumes of ``studies_section`` into this flat folder, for MONAI Label's
             ``--studies`` (see the module doc).
         studies_section: ``test`` (default), ``training``, ``validation`` or ``all``.
-        options: ``custom_components.phantom_dataset.write_phantom_dataset`` options, with the same names and defaults:
+        options: ``custom_components.apps.phantom_dataset.write_phantom_dataset`` options, with the same names and defaults:
             ``--task`` t1t2 | mrct, ``--n_train`` 16, ``--n_val`` 4, ``--n_test`` 4, ``--shape`` 96,96,48,
             ``--spacing`` 2.0,2.0,3.0, ``--seed`` 0, ``--tumour_mode`` learnable | irreducible (t1t2 only: whether the
             tumour's T2 is a function of its T1, or carries a texture absent from T1), ``--overwrite`` (regenerate and

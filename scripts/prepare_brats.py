@@ -40,8 +40,8 @@ def prepare_brats(root: str, output: str, source: str = "t1", target: str = "t2"
     """
     import logging
 
-    from custom_components.prepare import format_report
-    from custom_components.prepare import prepare_brats as run
+    from custom_components.apps.prepare import format_report
+    from custom_components.apps.prepare import prepare_brats as run
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     datalist = run(root, output, source=source, target=target, fractions=fractions, seed=seed, workers=workers,

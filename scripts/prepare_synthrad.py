@@ -35,8 +35,8 @@ def prepare_synthrad(root: str, output: str, fractions: Sequence[float] = (0.56,
     """
     import logging
 
-    from custom_components.prepare import format_report
-    from custom_components.prepare import prepare_synthrad as run
+    from custom_components.apps.prepare import format_report
+    from custom_components.apps.prepare import prepare_synthrad as run
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     datalist = run(root, output, fractions=fractions, seed=seed, workers=workers, paper_split=paper_split,

@@ -51,7 +51,7 @@ def preprocess(input_datalist: str, output_dir: str, n4: bool = True, spacing: S
     import logging
     import os
 
-    from custom_components.preprocess import preprocess as run
+    from custom_components.apps.preprocess import preprocess as run
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if threads is None:

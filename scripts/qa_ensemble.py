@@ -2,13 +2,13 @@
 
 Given the inference outputs of N >= 2 independently trained models on the same subjects, this scores the
 voxel-wise standard deviation across the members as a QA map, with the same numbers the bundle reports for the
-local discriminator's map (:func:`custom_components.metrics.confidence_qa`: ``qa_auroc_worst``, ``qa_spearman``,
+local discriminator's map (:func:`custom_components.metrics.synthesis.confidence_qa`: ``qa_auroc_worst``, ``qa_spearman``,
 ``qa_ause``, ``qa_sparsification_gain``, ...), so the two can be compared on the same subjects.
 
 Per subject of the datalist section:
 
 * each member's ``SaveImaged`` output is read, at the path the inference writes it
-  (:func:`custom_components.inference.output_path` with postfix ``synthetic`` and ``data_root_dir`` = the datalist's
+  (:func:`custom_components.apps.inference.output_path` with postfix ``synthetic`` and ``data_root_dir`` = the datalist's
   folder, inference.json's default: ``<member>/<sub-folder of the source>/<source name>_synthetic.nii.gz``), or else
   at ``<member>/<subject>_synthetic.nii.gz``;
 * intensities are compared in the evaluation's normalised units (``data_range`` 1): the target is normalised as
@@ -53,7 +53,7 @@ def _as_list(value) -> list[str]:
 def member_file(item: dict, member_dir: str | Path, data_root_dir: str, postfix: str = "synthetic") -> Path:
     """The synthetic image of a datalist ``item`` in one member's inference folder; ``FileNotFoundError`` naming the
     subject and the paths tried when it is missing."""
-    from custom_components.inference import output_path
+    from custom_components.apps.inference import output_path
 
     member_dir = Path(member_dir)
     candidates = [Path(output_path(item["source"], str(member_dir), postfix, data_root_dir))] \
@@ -88,7 +88,7 @@ def normalise_target(target: "np.ndarray", hu_window=None) -> tuple["np.ndarray"
     import torch
     from monai.utils import TraceKeys
 
-    from custom_components.transforms import InvertibleIntensityWindowd
+    from custom_components.transforms.dictionary import InvertibleIntensityWindowd
 
     lo, hi = (None, None) if hu_window is None else (float(hu_window[0]), float(hu_window[1]))
     t = InvertibleIntensityWindowd("target", a_min=lo, a_max=hi, lower=0.5, upper=99.5, b_min=0.0, b_max=1.0,
@@ -103,7 +103,7 @@ def subject_rows(item: dict, files: list[Path], target_window=(0.0, 1.0), hu_win
     """The QA rows (``ensemble_mean``, ``member_0``) of one subject from its members' synthetic images."""
     import numpy as np
 
-    from custom_components.metrics import confidence_qa, masked_mae
+    from custom_components.metrics.synthesis import confidence_qa, masked_mae
 
     subject = item["subject"]
     if "target" not in item:
@@ -168,9 +168,9 @@ def main(members: list | tuple | str, datalist: str, output_dir: str = "qa_ensem
 
     import numpy as np
 
-    from custom_components.data import load_datalist
-    from custom_components.inference import input_root
-    from custom_components.options import as_flag
+    from custom_components.data.datalist import load_datalist
+    from custom_components.apps.inference import input_root
+    from custom_components.config.options import as_flag
 
     member_dirs = _as_list(members)
     if len(member_dirs) < 2:

@@ -55,7 +55,7 @@ def check_space(space: dict[str, list], common: dict) -> None:
     it, possibly after hours)."""
     from ablation import check_arms
 
-    from custom_components.hyperparameters import TrainingOptions
+    from custom_components.config.hyperparameters import TrainingOptions
 
     not_options = sorted(set(space) - set(TrainingOptions.names()))
     if not_options:

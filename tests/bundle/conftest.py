@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from custom_components.phantom_dataset import ensure_phantom
+from custom_components.apps.phantom_dataset import ensure_phantom
 
 #: the tiny phantom of the end-to-end runs; a test module may set ``PHANTOM`` (same keys) to change it
 DEFAULT_PHANTOM = {"task": "t1t2", "n_train": 2, "n_val": 1, "n_test": 1, "shape": (48, 48, 32), "seed": 3}

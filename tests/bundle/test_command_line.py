@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from custom_components.errors import project_error
+from custom_components.utils.errors import project_error
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "bundle" / "configs"
@@ -97,7 +97,7 @@ def test_a_validation_volume_too_small_for_ssim_is_refused_at_start_naming_the_s
     import nibabel as nib
     import numpy as np
 
-    from custom_components.phantom_dataset import ensure_phantom
+    from custom_components.apps.phantom_dataset import ensure_phantom
 
     data = tmp_path / "data"
     ensure_phantom(data, task="t1t2", n_train=1, n_val=1, n_test=1, shape=(32, 32, 32), seed=2)

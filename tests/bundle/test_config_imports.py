@@ -1,7 +1,7 @@
 """Every ``custom_components.<module>`` a config names must resolve after a bare ``import custom_components``.
 
 An overlay's ``imports`` list replaces train.json's (MONAI merges configs key by key), so an overlay that did not
-repeat ``$import custom_components.tracking`` broke training with ``module 'custom_components' has no attribute
+repeat ``$import custom_components.utils.tracking`` broke training with ``module 'custom_components' has no attribute
 'tracking'`` (train.json + mrct.json, train.json + multi_gpu_train.json). The package loads sub-modules on access.
 """
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from monai.bundle import ConfigParser
 
-from custom_components.paths import WORKFLOW_CONFIGS, config_files
+from custom_components.config.paths import WORKFLOW_CONFIGS, config_files
 
 _spec = importlib.util.spec_from_file_location("sync_configs", Path(__file__).resolve().parents[2] / "scripts" / "sync_configs.py")
 sync_configs = importlib.util.module_from_spec(_spec)
@@ -70,7 +70,7 @@ def test_the_walk_sees_expressions_inside_lists_and_nested_ids():
     "monai.networks.nets.UNet",  # the generator G
     "custom_components.GlobalCritic",
     "custom_components.LocalDiscriminator",
-    "custom_components.inferers.slice_inferer",  # the whole-volume inferers of validation, evaluation, inference
+    "custom_components.inferers.inferer.slice_inferer",  # the whole-volume inferers of validation, evaluation, inference
     "SlidingWindowInferer",
 ])
 def test_each_network_and_inferer_is_defined_in_one_config_only(target):

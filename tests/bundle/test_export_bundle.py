@@ -19,8 +19,8 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from custom_components.paths import config_files
-from custom_components.phantom_dataset import ensure_phantom
+from custom_components.config.paths import config_files
+from custom_components.apps.phantom_dataset import ensure_phantom
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = ROOT.parent / "shared" / "monai-schema" / "meta_schema_20240725.json"

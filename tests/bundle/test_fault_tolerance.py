@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from custom_components.phantom_dataset import ensure_phantom
+from custom_components.apps.phantom_dataset import ensure_phantom
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -350,7 +350,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_plain_line_and_nothing_is_lost(t
     error = next(line for line in lines if line.startswith("ERROR ("))
     assert error.startswith(f"ERROR (CheckpointWriteError): could not write {small_disk}/checkpoint_")
     assert "(the disk is full" in error or "is the disk full?" in error
-    assert "Traceback" not in log and lines[-1].startswith("(raised in custom_components/checkpointing.py")
+    assert "Traceback" not in log and lines[-1].startswith("(raised in custom_components/handlers/checkpointing.py")
     saved = sorted(small_disk.glob("checkpoint_epoch=*.pt"))
     assert saved and not list(small_disk.glob(".*"))  # earlier checkpoints kept, no partial file
     for f in saved:
@@ -360,7 +360,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_plain_line_and_nothing_is_lost(t
 def _tiny_models(folder):
     from monai.bundle import ConfigParser
 
-    from custom_components.paths import config_files
+    from custom_components.config.paths import config_files
 
     folder.mkdir(parents=True)
     parser = ConfigParser()
@@ -375,12 +375,12 @@ def _tiny_models(folder):
 
 def _writers_are_atomic(config) -> bool:
     """Whether every SaveImaged of the inference config writes under a temporary name
-    (:class:`custom_components.inference.AtomicNibabelWriter` or a subclass): the property the kill test relies on."""
+    (:class:`custom_components.apps.writers.AtomicNibabelWriter` or a subclass): the property the kill test relies on."""
     from pydoc import locate
 
     from monai.bundle import ConfigParser
 
-    from custom_components.inference import AtomicNibabelWriter
+    from custom_components.apps.writers import AtomicNibabelWriter
 
     parser = ConfigParser()
     parser.read_config(config)

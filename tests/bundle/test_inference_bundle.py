@@ -15,7 +15,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from custom_components.paths import config_files
+from custom_components.config.paths import config_files
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = config_files(ROOT / "bundle", "infer")  # [.../inference.json]: it runs alone
@@ -181,7 +181,7 @@ def test_every_screened_format_is_readable_by_the_inference_pipeline(tmp_path, e
     """Issue 10, item 8: what the screening accepts, the config's loader reads (same array and geometry)."""
     import SimpleITK as sitk
 
-    from custom_components.inference import screen_inputs
+    from custom_components.apps.inference import screen_inputs
 
     data, affine = _volume(tmp_path / "ref.nii.gz")
     path = tmp_path / f"scan.{ext}"
@@ -216,7 +216,7 @@ def test_torchscript_export_matches_eager_and_net_in_out_verifies(models, tmp_pa
 
 def test_bad_model_files_name_the_file_and_what_was_expected(models, tmp_path):
     """Issue 10, item 12: empty, truncated, 3D-for-2D and wrong-size weights."""
-    from custom_components.inference import load_weights
+    from custom_components.networks.weights import load_weights
 
     parser = ConfigParser()
     parser.read_config(CONFIGS)
@@ -245,7 +245,7 @@ def test_bad_model_files_name_the_file_and_what_was_expected(models, tmp_path):
 def test_shipped_demo_weights_synthesise_a_phantom_volume_right_after_a_clone(tmp_path):
     """Issue 11: bundle/models/ holds committed demo weights; inference.json uses them with no --model_dir, and the
     synthetic T2 of a phantom subject is far closer to its real T2 than the T1 source is (a trained model)."""
-    from custom_components.phantom_dataset import ensure_phantom
+    from custom_components.apps.phantom_dataset import ensure_phantom
 
     assert (ROOT / "bundle" / "models" / "model.pt").is_file()
     assert (ROOT / "bundle" / "models" / "error_head.pt").is_file()  # the QA map's network
@@ -289,8 +289,8 @@ def test_unwritable_output_folder_is_named_before_any_work(models, tmp_path):
 
 def test_an_error_head_in_the_model_folder_writes_its_qa_map(models, tmp_path):
     """With error_head.pt beside the weights, the map written is 1 - the head's predicted error, not D2's M."""
-    from custom_components.inference import ConfidenceMapd
-    from custom_components.networks import ErrorPredictor
+    from custom_components.transforms.confidence import ConfidenceMapd
+    from custom_components.networks.nets import ErrorPredictor
 
     with_head = tmp_path / "models"
     with_head.mkdir()

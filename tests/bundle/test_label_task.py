@@ -18,8 +18,8 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from custom_components.label_task import RejectedRequest, SynthesisTask, Synthesiser
-from custom_components.paths import config_files
+from custom_components.apps.label_task import RejectedRequest, SynthesisTask, Synthesiser
+from custom_components.config.paths import config_files
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"generator_channels": [4, 8, 16, 16], "local_channels": [4, 4, 8, 8], "patch_size": [32, 32]}

@@ -87,7 +87,7 @@ def test_network_data_format_matches_the_inference_network():
     import torch
     from monai.bundle import ConfigParser
 
-    from custom_components.paths import config_files
+    from custom_components.config.paths import config_files
 
     meta = json.loads((ROOT / "bundle/configs/metadata.json").read_text())
     parser = ConfigParser()

@@ -26,11 +26,11 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from custom_components.paths import config_files
+from custom_components.config.paths import config_files
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-LOADED = "synthesis: loaded the networks of"  # custom_components.label_task's log line, once per load
+LOADED = "synthesis: loaded the networks of"  # custom_components.apps.label_task's log line, once per load
 
 if os.environ.get("SKIP_MONAILABEL") == "1":
     pytest.skip("SKIP_MONAILABEL=1", allow_module_level=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser
 
-from custom_components.phantom_dataset import ensure_phantom
+from custom_components.apps.phantom_dataset import ensure_phantom
 
 CONFIGS = Path(__file__).resolve().parents[2] / "bundle" / "configs"
 

@@ -54,9 +54,9 @@ def test_handlers_use_the_generator_without_its_ddp_wrapper(where, key):
     assert "@unwrapped_network" in uses or {"model": "@unwrapped_network"} in uses
     assert parser["validate"]["evaluator"]["network"] == "@unwrapped_network"
     # the trainer's network is the same generator (pre-trained weights included) inside the DDP wrapper
-    assert parser["network"] == {"_target_": "custom_components.distributed.wrap_ddp", "network": "@unwrapped_network",
+    assert parser["network"] == {"_target_": "custom_components.engines.distributed.wrap_ddp", "network": "@unwrapped_network",
                                  "device": "@device"}
     single = ConfigParser()
     single.read_config(str(CONFIGS / "train.json"))
     assert single["network"] == "@unwrapped_network" and single["is_main"] is True
-    assert single["unwrapped_network"]["_target_"] == "custom_components.networks.load_pretrained"
+    assert single["unwrapped_network"]["_target_"] == "custom_components.networks.nets.load_pretrained"

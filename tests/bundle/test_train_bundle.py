@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from custom_components.phantom_dataset import ensure_phantom
+from custom_components.apps.phantom_dataset import ensure_phantom
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow

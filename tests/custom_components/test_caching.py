@@ -1,5 +1,5 @@
 """The smaller training cache (crop to the sampling region, no label/mask/weight map, int32 table), the memory budget
-and the disk cache of ``custom_components.caching``."""
+and the disk cache of ``custom_components.data.caching``."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from monai.data import CacheDataset, MetaTensor
 from monai.transforms import Compose, DeleteItemsd, EnsureTyped, RandFlipd, SqueezeDimd
 
-from custom_components.caching import BudgetCacheDataset, MemoryBudget, cached_nbytes, default_budget_bytes
-from custom_components.transforms import (CropToSamplingRegiond, RandTableWeightedCropd, SamplingTabled,
+from custom_components.data.caching import BudgetCacheDataset, MemoryBudget, cached_nbytes, default_budget_bytes
+from custom_components.transforms.dictionary import (CropToSamplingRegiond, RandTableWeightedCropd, SamplingTabled,
                                           SamplingWeightd)
 
 KEYS = ["source", "target", "label", "mask"]
@@ -117,7 +117,7 @@ def _draw(ds, seed):
 
 def test_budget_splits_ram_and_disk_and_every_split_gives_the_same_patches(tmp_path, caplog):
     data = [_item(seed=i) for i in range(4)]
-    caplog.set_level(logging.INFO, logger="custom_components.caching")
+    caplog.set_level(logging.INFO, logger="custom_components.data.caching")
     full = _budget_ds(tmp_path, data, None)
     assert full.cache_num == 4 and not list((tmp_path / "cache").glob("*.pt"))
     per = cached_nbytes(full._cache[0])
@@ -167,7 +167,7 @@ def test_disk_cache_is_keyed_by_the_preprocessing_settings_and_the_files(tmp_pat
     # a rewritten image file (same path) is a new item
     img = tmp_path / "a.txt"
     img.write_text("1")
-    from custom_components.caching import item_fingerprint
+    from custom_components.data.caching import item_fingerprint
     h1 = item_fingerprint({"source": str(img)})
     os.utime(img, ns=(1, 1))
     assert item_fingerprint({"source": str(img)}) != h1
@@ -193,7 +193,7 @@ def test_a_set_that_fits_nowhere_is_refused_before_any_file_is_written(tmp_path,
 def test_error_weighted_sampling_updates_the_kept_weight_maps(tmp_path):
     from monai.inferers import SimpleInferer
 
-    from custom_components.handlers import ErrorWeightedSampling
+    from custom_components.handlers.training import ErrorWeightedSampling
 
     data = [_item(seed=i) for i in range(2)]
     ds = BudgetCacheDataset(data, Compose(_chain((8, 8, 1), keep_weight=True)), budget=None,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from custom_components.checkpointing import (
+from custom_components.handlers.checkpointing import (
     AtomicCheckpointSaver,
     AtomicDiskSaver,
     BestMetricState,
@@ -191,7 +191,7 @@ def test_a_checkpoint_whose_bytes_changed_is_ignored_and_the_previous_one_resume
     """Issue 17, item 13: a checkpoint with random bytes in the middle loaded without complaint (loss_critic nan)."""
     import logging
 
-    from custom_components.checkpointing import checkpoint_iterations, verify_checksums
+    from custom_components.handlers.checkpointing import checkpoint_iterations, verify_checksums
 
     saver = AtomicDiskSaver(tmp_path)
     for epoch in (1, 2):
@@ -202,14 +202,14 @@ def test_a_checkpoint_whose_bytes_changed_is_ignored_and_the_previous_one_resume
     _change_bytes_inside(latest)
     torch.load(latest, weights_only=True)  # PyTorch itself loads it without a word
     assert "does not match the CRC-32 checksum" in verify_checksums(latest)
-    with caplog.at_level(logging.WARNING, logger="custom_components.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="custom_components.handlers.checkpointing"):
         assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=1.pt")  # falls back, as for a truncated one
     assert f"checkpoint {latest} is damaged and is ignored" in caplog.text
     assert [e for _, e, _ in checkpoint_iterations(tmp_path)] == [1]
 
 
 def test_damaged_weights_are_named_at_inference(tmp_path):
-    from custom_components.inference import load_weights
+    from custom_components.networks.weights import load_weights
 
     net = torch.nn.Linear(64, 64)
     torch.save(net.state_dict(), tmp_path / "model.pt")
@@ -221,7 +221,7 @@ def test_damaged_weights_are_named_at_inference(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_a_missing_gpu_is_not_blamed_on_the_weight_file(tmp_path):
     """Issue 17, item 13: inference with --device cuda said the weights were truncated."""
-    from custom_components.inference import load_weights
+    from custom_components.networks.weights import load_weights
 
     torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "model.pt")
     with pytest.raises(ValueError, match="--device cuda: this machine has no usable GPU") as e:
@@ -233,8 +233,8 @@ def test_a_full_disk_during_a_save_is_one_plain_error_naming_the_file_and_nothin
     """Issue 17, item 14: disk full during a checkpoint ended in a 142-line traceback and no plain ERROR line."""
     import errno
 
-    from custom_components.checkpointing import CheckpointWriteError
-    from custom_components.errors import format_project_error
+    from custom_components.handlers.checkpointing import CheckpointWriteError
+    from custom_components.utils.errors import format_project_error
 
     saver = AtomicDiskSaver(tmp_path)
     saver({"w": torch.ones(3)}, "checkpoint_epoch=1.pt")

@@ -8,7 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from custom_components.data import DatalistError, check_datalist, checked_datalist, load_datalist, prepare_phantom
+from custom_components.data.datalist import DatalistError, check_datalist, checked_datalist, load_datalist
+from custom_components.apps.phantom_dataset import prepare_phantom
 
 
 def _write(path, array, spacing=(1.0, 1.0, 1.0)):
@@ -101,7 +102,7 @@ def test_duplicate_ids_and_subject_listed_twice_are_named(subjects):
 
 
 def test_training_validation_leakage_is_named(subjects):
-    from custom_components.data import check_splits
+    from custom_components.data.datalist import check_splits
 
     check_splits(subjects[:1], subjects[1:])
     with pytest.raises(DatalistError) as e:
@@ -121,7 +122,7 @@ def test_nan_in_mask_or_label_is_caught(subjects):
 
 
 def test_training_list_without_masks_is_rejected(subjects):
-    from custom_components.data import require_keys
+    from custom_components.data.datalist import require_keys
 
     with pytest.raises(DatalistError) as e:
         require_keys(subjects, ["mask"], name="training list", why=" (patches are sampled inside the mask)")
@@ -131,7 +132,7 @@ def test_training_list_without_masks_is_rejected(subjects):
 
 
 def test_patch_size_must_be_a_multiple_of_the_total_stride():
-    from custom_components.data import check_patch_size
+    from custom_components.data.datalist import check_patch_size
 
     check_patch_size([96, 96], 2, {"generator": [2, 2, 2], "local discriminator": 8})
     with pytest.raises(ValueError, match=r"patch_size \[100, 96\]: \[100\] not a multiple of 8, the total stride of the generator"):
@@ -161,10 +162,10 @@ def test_checked_datalist_names_the_section_and_the_file_and_requires_keys(subje
 
 
 def test_prepare_phantom_runs_only_when_switched_on(tmp_path, monkeypatch):
-    import custom_components.phantom_dataset
+    import custom_components.apps.phantom_dataset
 
     calls = []
-    monkeypatch.setattr(custom_components.phantom_dataset, "ensure_phantom", lambda root, **kw: calls.append((root, kw)) or "dl")
+    monkeypatch.setattr(custom_components.apps.phantom_dataset, "ensure_phantom", lambda root, **kw: calls.append((root, kw)) or "dl")
     assert prepare_phantom(tmp_path, {"task": "t1t2", "n_train": 2}, enabled="false") is None
     assert calls == []
     assert prepare_phantom(tmp_path, {"task": "t1t2", "n_train": 2}, enabled="true") == "dl"
@@ -179,7 +180,7 @@ def test_prepare_phantom_runs_only_when_switched_on(tmp_path, monkeypatch):
 
 def test_labels_that_are_not_classes_or_cover_the_mask_are_refused_naming_subject_and_file(subjects):
     """Labels holding {7, 255, -1, 0.5} trained silently; a background coded 1 gave psnr_tumour = psnr_volume."""
-    from custom_components.data import BRATS_LABELS
+    from custom_components.data.datalist import BRATS_LABELS
 
     odd = np.zeros((8, 8, 4))
     odd[0, 0, 0], odd[0, 1, 0], odd[0, 2, 0], odd[0, 3, 0] = 7, 255, -1, 0.5
@@ -209,7 +210,7 @@ def test_a_brats_or_phantom_datalist_checks_labels_and_a_ct_datalist_checks_unit
         _write(s["target"], np.random.default_rng(1).random((8, 8, 4)) * 4095)  # CT stored 0..4095, not HU
     _write(subjects[1]["target"], np.random.default_rng(1).random((8, 8, 4)) * 4000 - 1024)  # this one is HU
     (tmp_path / "ct.json").write_text(json.dumps({"task": "mrct", "training": subjects}))
-    with caplog.at_level(logging.WARNING, logger="custom_components.data"):
+    with caplog.at_level(logging.WARNING, logger="custom_components.data.datalist"):
         checked_datalist(tmp_path / "ct.json", "training")
     assert f"subject s0: CT file {subjects[0]['target']} has no voxel near -1000 HU (air)" in caplog.text
     assert "subject s1" not in caplog.text
@@ -220,8 +221,9 @@ def test_volumes_too_small_for_whole_volume_validation_are_named_from_their_head
     normalisation, both at the first validation (after the whole warm-up) without naming the subject."""
     import nibabel as nib
 
-    from custom_components.data import DatalistError, check_volume_sizes
-    from custom_components.inferers import WholeSliceInferer
+    from custom_components.data.datalist import DatalistError
+    from custom_components.data.shapes import check_volume_sizes
+    from custom_components.inferers.inferer import WholeSliceInferer
 
     items = []
     for name, shape in (("ok", (48, 48, 12)), ("slice", (48, 48, 1)), ("cube", (16, 16, 16)), ("thin", (10, 64, 64))):
@@ -243,7 +245,7 @@ def test_volumes_too_small_for_whole_volume_validation_are_named_from_their_head
 def test_patch_size_is_checked_against_each_axis_s_own_stride():
     """Issue 20: per-axis strides ((2, 2, 1) per level, as MONAI's UNet takes them) were multiplied over all axes
     and levels, so an anisotropic network's patch was judged against a wrong total stride."""
-    from custom_components.data import check_patch_size
+    from custom_components.data.datalist import check_patch_size
 
     anisotropic = [(2, 2, 1), (2, 2, 1), (2, 2, 2)]  # totals: 8, 8 and 2
     check_patch_size([64, 64, 6], 3, {"generator": anisotropic})

@@ -1,4 +1,4 @@
-"""custom_components.distributed in one process, without and with a (one-rank, gloo) process group."""
+"""custom_components.engines.distributed in one process, without and with a (one-rank, gloo) process group."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from custom_components.distributed import (
+from custom_components.engines.distributed import (
     destroy_process_group,
     init_process_group,
     is_main_process,

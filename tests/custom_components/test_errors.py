@@ -1,4 +1,4 @@
-"""Plain reports of the package's own errors (custom_components.errors)."""
+"""Plain reports of the package's own errors (custom_components.utils.errors)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import logging
 
 import pytest
 
-from custom_components import errors
+from custom_components.utils import errors
 
 
 def _raise_project_error():
-    from custom_components.runs import check_writable
+    from custom_components.handlers.runs import check_writable
 
     check_writable(before="inference", output_dir="/dev/null/sub")  # /dev/null is not a folder
 
@@ -63,8 +63,8 @@ def test_installing_twice_wraps_the_factory_once(plain_logging):
 
 def test_project_errors_are_reported_plainly_first():
     """Issue 10, item 14: the project's message, not MONAI's ConfigExpression wrapper, comes first."""
-    from custom_components.data import DatalistError, check_datalist
-    from custom_components.errors import format_project_error
+    from custom_components.data.datalist import DatalistError, check_datalist
+    from custom_components.utils.errors import format_project_error
 
     def config_expression():
         try:
@@ -76,7 +76,7 @@ def test_project_errors_are_reported_plainly_first():
         config_expression()
     text = format_project_error(e.value)
     assert text.startswith("ERROR (DatalistError): datalist: the list of subjects is empty.")
-    assert "custom_components/data.py" in text and "ConfigExpression" not in text
+    assert "custom_components/data/datalist.py" in text and "ConfigExpression" not in text
     assert format_project_error(RuntimeError("not ours")) is None
 
 
@@ -86,9 +86,9 @@ def test_an_error_raised_from_none_is_reported_not_the_one_it_replaced(tmp_path)
     import subprocess
     import sys
 
-    from custom_components.runs import RunLockedError, lock_run_dir
+    from custom_components.handlers.runs import RunLockedError, lock_run_dir
 
-    code = ("import sys, time; from custom_components.runs import lock_run_dir; lock_run_dir(sys.argv[1]); "
+    code = ("import sys, time; from custom_components.handlers.runs import lock_run_dir; lock_run_dir(sys.argv[1]); "
             "print('locked', flush=True); time.sleep(60)")
     other = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from custom_components.evaluation import region_metrics, save_panel, subject_metrics
+from custom_components.apps.evaluation import region_metrics, save_panel, subject_metrics
 
 
 def test_region_metrics_match_hand_computation():
@@ -58,7 +58,7 @@ def test_an_existing_evaluation_is_not_overwritten_and_the_hint_names_the_real_o
     """The refusal named --output_dir, but evaluate.json's option is --eval_dir (issue 17, item 15)."""
     from ignite.engine import Engine
 
-    from custom_components.evaluation import SubjectMetricsWriter
+    from custom_components.apps.evaluation import SubjectMetricsWriter
 
     (tmp_path / "metrics.csv").write_text("subject\n")
     writer = SubjectMetricsWriter(str(tmp_path), figures=False)
@@ -71,8 +71,8 @@ def test_an_existing_evaluation_is_not_overwritten_and_the_hint_names_the_real_o
 
 def test_the_attention_panel_is_the_weight_training_applies():
     """Issue 20: the figures' F panel was (1 - M)^beta whatever attention_norm and attention_floor the run used."""
-    from custom_components.evaluation import attention_panel
-    from custom_components.losses import attention_weight
+    from custom_components.apps.evaluation import attention_panel
+    from custom_components.losses.synthesis import attention_weight
 
     m = np.random.default_rng(0).random((8, 8, 4)).astype(np.float32) * 0.8
     plain = np.clip(1 - m, 0, 1) ** 2

@@ -1,4 +1,4 @@
-"""Handlers and output transforms of custom_components.handlers, driven by dummy ignite engines (no model needed)."""
+"""Handlers and output transforms of custom_components.handlers.training, driven by dummy ignite engines (no model needed)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,10 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from custom_components.handlers import (
-    GradientPenaltyHandler,
-    attach_handlers,
-    every_n_iterations,
-    image_panels,
-    loss_terms,
-)
-from custom_components.events import EVENT_TO_ATTR, CriticUpdate, DualAttentionEvents
-from custom_components.trainer import DualAttentionKeys
+from custom_components.engines.penalty import GradientPenaltyHandler
+from custom_components.handlers.training import attach_handlers, every_n_iterations, image_panels, loss_terms
+from custom_components.engines.events import EVENT_TO_ATTR, CriticUpdate, DualAttentionEvents
+from custom_components.engines.trainer import DualAttentionKeys
 
 
 def test_loss_terms_reads_the_float_terms_of_a_dict_or_its_decollated_form():
@@ -107,7 +102,7 @@ def test_error_weighted_sampling_moves_weight_to_wrong_regions():
     from monai.data import CacheDataset
     from monai.inferers import SimpleInferer
 
-    from custom_components.handlers import ErrorWeightedSampling
+    from custom_components.handlers.training import ErrorWeightedSampling
 
     target = torch.zeros(1, 8, 8, 4)
     target[:, :2] = 1.0  # the identity "generator" gets this corner wrong

@@ -17,10 +17,10 @@ from monai.bundle import ConfigParser
 from monai.networks.nets import UNet
 
 from custom_components import DualAttentionTrainer, TrainingOptions, Variant, validate_hyperparameters
-from custom_components.errors import project_error
-from custom_components.hyperparameters import TRAINER_OPTIONS, FreshBatches, LocalTarget
-from custom_components.losses import AttentionNorm, AttentionSource
-from custom_components.options import OPTION_RULES
+from custom_components.utils.errors import project_error
+from custom_components.config.hyperparameters import TRAINER_OPTIONS, FreshBatches, LocalTarget
+from custom_components.losses.synthesis import AttentionNorm, AttentionSource
+from custom_components.config.options import OPTION_RULES
 
 CONFIGS = Path(__file__).resolve().parents[2] / "bundle" / "configs"
 
@@ -219,6 +219,6 @@ def test_the_options_module_stands_on_the_ground_floor():
         elif isinstance(node, ast.Import):
             imported |= {a.name for a in node.names}
     package = {m for m in imported if m.startswith(".")}
-    assert package == {".losses"}
+    assert package == {"..losses.synthesis"}
     assert not {m for m in imported - package if not re.match(r"^(__future__|dataclasses|difflib|math|re|collections"
                                                               r"\.abc|typing|monai\.utils)$", m)}

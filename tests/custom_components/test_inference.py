@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from monai.bundle import ConfigParser
 
-from custom_components.inference import InferenceInputs, confidence_condition_key, inference_inputs, input_root
-from custom_components.paths import config_files
+from custom_components.apps.inference import InferenceInputs, inference_inputs, input_root
+from custom_components.transforms.confidence import confidence_condition_key
+from custom_components.config.paths import config_files
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundle"
 
@@ -86,7 +87,7 @@ def test_error_activation_turns_a_predicted_error_into_one_minus_the_error():
     """The error-prediction head's QA map: M = 1 - clip(predicted |Y - G(X)|, 0, 1), the source beside the image."""
     import torch
 
-    from custom_components.inference import ConfidenceMapd
+    from custom_components.transforms.confidence import ConfidenceMapd
 
     seen = []
 
@@ -137,7 +138,7 @@ def test_outputs_are_written_under_a_temporary_name_and_renamed_when_complete(tm
     import torch
     from monai.data import MetaTensor
 
-    from custom_components.inference import AtomicNibabelWriter, partial_name, remove_partial_outputs
+    from custom_components.apps.writers import AtomicNibabelWriter, partial_name, remove_partial_outputs
 
     final = tmp_path / "out" / "case" / "t1_synthetic.nii.gz"
     image = MetaTensor(torch.rand(1, 6, 5, 4), affine=torch.eye(4))
@@ -175,7 +176,7 @@ def _evaluator(items, out, root, fail_on):
     from monai.engines import SupervisedEvaluator
     from monai.transforms import Compose, EnsureChannelFirstd, Lambdad, LoadImaged, SaveImaged
 
-    from custom_components.data import PrepareSourceTarget
+    from custom_components.data.datalist import PrepareSourceTarget
 
     def check(x):
         if fail_on in str(x.meta["filename_or_obj"]):
@@ -185,7 +186,7 @@ def _evaluator(items, out, root, fail_on):
     pre = Compose([LoadImaged("source", image_only=True), EnsureChannelFirstd("source"), Lambdad("source", check)])
     post = Compose([SaveImaged("pred", output_dir=str(out), output_postfix="synthetic", separate_folder=False,
                                data_root_dir=root, print_log=False,
-                               writer="custom_components.inference.AtomicNibabelWriter")])
+                               writer="custom_components.apps.writers.AtomicNibabelWriter")])
     loader = DataLoader(Dataset(items, pre), batch_size=1, num_workers=0)
     return SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=loader, network=torch.nn.Identity(),
                                prepare_batch=PrepareSourceTarget("source", None), postprocessing=post)
@@ -193,7 +194,7 @@ def _evaluator(items, out, root, fail_on):
 
 def test_each_input_succeeds_or_fails_on_its_own_with_its_own_error(tmp_path):
     """Issue 17, item 9: after one input failed, every later input was marked failed with the same error."""
-    from custom_components.inference import InferenceError
+    from custom_components.apps.inference import InferenceError
 
     for name in ("a", "b", "c"):
         _nii(tmp_path / "in" / f"{name}.nii.gz", shape=(8, 8, 4))
@@ -215,9 +216,9 @@ def test_inputs_too_small_for_the_networks_are_set_aside_before_any_work(tmp_pat
     """Issue 17, item 9: a 16^3 volume crashed the confidence map (an instance norm of one element)."""
     from ignite.engine import Events
 
-    from custom_components.data import slice_size_problem
-    from custom_components.inference import InferenceError
-    from custom_components.inferers import WholeSliceInferer
+    from custom_components.data.shapes import slice_size_problem
+    from custom_components.apps.inference import InferenceError
+    from custom_components.inferers.inferer import WholeSliceInferer
 
     inferer = WholeSliceInferer(divisor=16)
     assert "16 x 16 voxels" in slice_size_problem((16, 16, 16), inferer)

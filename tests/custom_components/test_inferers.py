@@ -1,4 +1,4 @@
-"""Tests of whole-slice 2D inference (``custom_components.inferers``)."""
+"""Tests of whole-slice 2D inference (``custom_components.inferers.inferer``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from monai.data import MetaTensor
 from monai.inferers import SliceInferer
 from monai.networks.nets import UNet
 
-from custom_components.inferers import SliceMode, WholeSliceInferer, slice_inferer, stride_product
+from custom_components.inferers.inferer import SliceMode, WholeSliceInferer, slice_inferer, stride_product
 
 
 def _unet(channels=(4, 8, 16, 32), strides=(2, 2, 2)) -> UNet:
@@ -101,7 +101,7 @@ def test_bundle_configs_select_the_inferer(workflow: str, key: str) -> None:
 
     from monai.bundle import ConfigParser
 
-    from custom_components.paths import config_files
+    from custom_components.config.paths import config_files
 
     root = Path(__file__).resolve().parents[2] / "bundle"
     parser = ConfigParser()

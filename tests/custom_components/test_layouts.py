@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from custom_components.layouts import find_brats_files, find_synthrad_files, subject_dirs
+from custom_components.utils.layouts import find_brats_files, find_synthrad_files, subject_dirs
 
 
 def test_subject_dirs_lists_visible_folders(tmp_path):

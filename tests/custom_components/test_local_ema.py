@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from custom_components import DualAttentionKeys, DualAttentionTrainer, GlobalCritic, LocalDiscriminator
-from custom_components.losses import attention_weight, confidence_map
+from custom_components.losses.synthesis import attention_weight, confidence_map
 from monai.networks.nets import UNet
 
 

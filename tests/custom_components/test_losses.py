@@ -117,7 +117,7 @@ def test_gradient_penalty_interpolates_per_sample():
 
 
 def test_error_confidence_is_lowest_where_the_error_is_largest():
-    from custom_components.losses import error_confidence
+    from custom_components.losses.synthesis import error_confidence
 
     target = torch.zeros(2, 1, 4, 4)
     fake = torch.zeros(2, 1, 4, 4)

@@ -1,4 +1,4 @@
-"""Masked regression metrics, and the confidence map's quality as an error detector (custom_components.metrics)."""
+"""Masked regression metrics, and the confidence map's quality as an error detector (custom_components.metrics.synthesis)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from ignite.engine import Engine, Events
 from scipy.stats import spearmanr
 
-from custom_components.metrics import (
+from custom_components.metrics.synthesis import (
     QA_KEYS,
     SPARSIFICATION_FRACTIONS,
     ConfidenceQAMetric,

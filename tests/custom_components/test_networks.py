@@ -105,7 +105,7 @@ def test_half_resolution_local_discriminator_checks_stride_and_multiple():
 
 @pytest.mark.parametrize("local_conditional, channels", [(False, 1), ("false", 1), (True, 2), ("true", 2)])
 def test_local_input_channels_double_when_d2_also_sees_the_source(local_conditional, channels):
-    from custom_components.networks import local_input_channels
+    from custom_components.networks.nets import local_input_channels
 
     assert local_input_channels(local_conditional) == channels
     disc = LocalDiscriminator(spatial_dims=2, in_channels=local_input_channels(local_conditional), channels=(4,) * 4)
@@ -113,7 +113,7 @@ def test_local_input_channels_double_when_d2_also_sees_the_source(local_conditio
 
 
 def test_load_pretrained_loads_the_weights_and_moves_the_network(tmp_path):
-    from custom_components.networks import load_pretrained
+    from custom_components.networks.nets import load_pretrained
 
     torch.manual_seed(0)
     saved, fresh = torch.nn.Conv2d(1, 2, 3), torch.nn.Conv2d(1, 2, 3)

@@ -72,7 +72,7 @@ def test_the_guard_is_its_own_handler_and_forgets_the_updates_of_the_previous_it
     """Driven by a dummy engine: each iteration updates one network; the record starts empty at every iteration."""
     from ignite.engine import Engine
 
-    from custom_components.guards import NonFiniteGuard
+    from custom_components.engines.guards import NonFiniteGuard
 
     guard, net, notes = NonFiniteGuard(), torch.nn.Linear(2, 1), []
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from custom_components.options import as_flag
+from custom_components.config.options import as_flag
 
 
 @pytest.mark.parametrize("value", [True, "true", "True", " TRUE ", "1", 1, "yes", "y", "t", "on"])

@@ -6,8 +6,8 @@ import pytest
 import torch
 from monai.transforms import Compose, EnsureTyped, RandFlipd, SqueezeDimd
 
-from custom_components.patches import FusedPatchd
-from custom_components.transforms import RandTableWeightedCropd, SamplingTabled, SamplingWeightd, UntrackedCompose
+from custom_components.transforms.patches import FusedPatchd
+from custom_components.transforms.dictionary import RandTableWeightedCropd, SamplingTabled, SamplingWeightd, UntrackedCompose
 
 
 def _item(shape=(24, 20, 9), seed=0):

@@ -1,4 +1,4 @@
-"""Tests of the phantom simulation (``custom_components.phantom``)."""
+"""Tests of the phantom simulation (``custom_components.apps.phantom``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from custom_components import phantom
-from custom_components.phantom import TISSUE_LABELS, TUMOUR_MODES, check_tumour_mode, make_subject, subject_rng
+from custom_components.apps import phantom
+from custom_components.apps.phantom_tissues import TISSUE_LABELS
+from custom_components.apps.phantom import TUMOUR_MODES, check_tumour_mode, make_subject, subject_rng
 
 SHAPE = (48, 48, 32)
 SPACING = (2.0, 2.0, 3.0)

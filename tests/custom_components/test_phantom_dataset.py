@@ -1,4 +1,4 @@
-"""Tests of the phantom data set on disk (``custom_components.phantom_dataset``) and its CLI."""
+"""Tests of the phantom data set on disk (``custom_components.apps.phantom_dataset``) and its CLI."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from custom_components.phantom import PHANTOM_VERSION, make_subject, subject_rng
-from custom_components.phantom_dataset import ensure_phantom, make_affine, write_phantom_dataset
+from custom_components.apps.phantom import PHANTOM_VERSION, make_subject, subject_rng
+from custom_components.apps.phantom_dataset import ensure_phantom, make_affine, write_phantom_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = (48, 48, 32)
@@ -63,7 +63,7 @@ def test_dataset_files_and_datalist(t1t2_dataset: Path) -> None:
 
 
 def test_dataset_passes_project_datalist_check(t1t2_dataset: Path) -> None:
-    data = pytest.importorskip("custom_components.data")
+    data = pytest.importorskip("custom_components.data.datalist")
     items = data.load_datalist(t1t2_dataset, "training")
     assert data.check_datalist(items) is items
 
@@ -86,7 +86,7 @@ def test_mrct_dataset(tmp_path: Path) -> None:
 def test_reuse_same_parameters(t1t2_dataset: Path, caplog: pytest.LogCaptureFixture) -> None:
     root = t1t2_dataset.parent
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
-    with caplog.at_level(logging.INFO, logger="custom_components.phantom_dataset"):
+    with caplog.at_level(logging.INFO, logger="custom_components.apps.phantom_dataset"):
         again = ensure_phantom(root, task="t1t2", seed=1, **SMALL)
     assert again == str(t1t2_dataset)
     assert "already present" in caplog.text
@@ -171,7 +171,7 @@ def test_mrct_ignores_tumour_mode(tmp_path: Path) -> None:
 
 def test_prepare_phantom_passes_tumour_mode(tmp_path: Path) -> None:
     """The bundle config's ``phantom`` dict reaches the writer, ``tumour_mode`` included, and is validated."""
-    data = pytest.importorskip("custom_components.data")
+    data = pytest.importorskip("custom_components.data.datalist")
     config = {"task": "t1t2", "n_train": 1, "n_val": 0, "n_test": 0, "shape": [32, 32, 32], "seed": 0}
     path = data.prepare_phantom(tmp_path / "ds", config | {"tumour_mode": "irreducible"})
     assert json.loads((Path(path).parent / "phantom.json").read_text())["tumour_mode"] == "irreducible"

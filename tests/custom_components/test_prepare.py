@@ -4,13 +4,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from custom_components.prepare import (
-    prepare_brats,
-    relative_to_datalist,
-    run_per_subject,
-    screen_subject,
-    split_subjects,
-)
+from custom_components.apps.prepare import prepare_brats, relative_to_datalist, run_per_subject, screen_subject
+from custom_components.apps.splits import split_subjects
 
 
 def _nii(path, array, affine=None):

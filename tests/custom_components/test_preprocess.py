@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from custom_components.preprocess import n4_bias_correction, preprocess, resample_onto, rigid_register, target_grid
+from custom_components.apps.preprocess import n4_bias_correction, preprocess, resample_onto, rigid_register, target_grid
 
 
 @pytest.fixture(autouse=True)

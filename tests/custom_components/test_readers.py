@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from monai.bundle import ConfigParser
 from monai.transforms import LoadImage, LoadImaged
 
-from custom_components.readers import SimpleITKReader
+from custom_components.data.readers import SimpleITKReader
 
 SPACING = (0.8, 1.2, 2.5)
 ORIGIN = (10.0, -20.0, 5.5)
@@ -87,10 +87,10 @@ def test_config_target_and_dotted_name(written):
     _, paths = written
     parser = ConfigParser({"load": {"_target_": "LoadImaged", "keys": ["image"], "image_only": True,
                                     "ensure_channel_first": True,
-                                    "reader": {"_target_": "custom_components.readers.SimpleITKReader"}}})
+                                    "reader": {"_target_": "custom_components.data.readers.SimpleITKReader"}}})
     out = parser.get_parsed_content("load")({"image": paths["mha"]})
     assert tuple(out["image"].shape) == (1, 7, 6, 5)
-    load = LoadImaged("image", reader="custom_components.readers.SimpleITKReader", image_only=True)
+    load = LoadImaged("image", reader="custom_components.data.readers.SimpleITKReader", image_only=True)
     out = load({"image": paths["nrrd"]})
     assert tuple(out["image"].shape) == (7, 6, 5)
 
@@ -135,7 +135,7 @@ def _bad_files(tmp_path):
 
 @pytest.mark.parametrize("kind", ["missing", "unreadable", "2D", "channels", "non-finite"])
 def test_screen_image_names_the_file_and_the_problem(tmp_path, kind):
-    from custom_components.readers import screen_image
+    from custom_components.data.readers import screen_image
 
     path, expected = _bad_files(tmp_path)[kind]
     image, problem = screen_image(path, what="source file")
@@ -146,7 +146,7 @@ def test_screen_image_names_the_file_and_the_problem(tmp_path, kind):
 
 @pytest.mark.parametrize("suffix", ["mha", "nii.gz"])
 def test_screen_image_accepts_a_good_volume_as_load_image_reads_it(written, suffix):
-    from custom_components.readers import load_image, screen_image
+    from custom_components.data.readers import load_image, screen_image
 
     values, paths = written
     image, problem = screen_image(paths[suffix])
@@ -156,7 +156,7 @@ def test_screen_image_accepts_a_good_volume_as_load_image_reads_it(written, suff
 
 
 def test_screen_image_single_channel_and_value_switches(tmp_path):
-    from custom_components.readers import screen_image
+    from custom_components.data.readers import screen_image
 
     one = _nifti(tmp_path / "one.nii.gz", np.zeros((6, 5, 4, 1)))
     assert screen_image(one).problem is None

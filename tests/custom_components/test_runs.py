@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from custom_components.checkpointing import ResumeError
-from custom_components.runs import check_run_dirs, check_writable
+from custom_components.handlers.checkpointing import ResumeError
+from custom_components.handlers.runs import check_run_dirs, check_writable
 
 
 def test_run_dirs_never_overwrite_silently(tmp_path, caplog):
@@ -25,7 +25,7 @@ def test_run_dirs_never_overwrite_silently(tmp_path, caplog):
     torch.save({"trainer": {"iteration": 2, "epoch_length": 2}}, ckpt / "checkpoint_epoch=1.pt")
     with pytest.raises(FileExistsError, match="--resume true"):
         check_run_dirs(ckpt, model)
-    with caplog.at_level(logging.INFO, logger="custom_components.runs"):
+    with caplog.at_level(logging.INFO, logger="custom_components.handlers.runs"):
         check_run_dirs(ckpt, model, resume=True)
     assert f"resuming from {ckpt / 'checkpoint_epoch=1.pt'}" in caplog.text
     with pytest.raises(FileExistsError, match="--resume true"):
@@ -67,7 +67,7 @@ def test_unwritable_output_folders_are_named_before_training(tmp_path):
 @pytest.fixture
 def release_locks():
     yield
-    from custom_components import runs
+    from custom_components.handlers import runs
 
     if hasattr(runs, "release_run_locks"):
         runs.release_run_locks()  # the locks this test process took
@@ -77,7 +77,7 @@ def _hold_lock_in_another_process(folder):
     import subprocess
     import sys
 
-    code = ("import sys, time; from custom_components.runs import lock_run_dir; lock_run_dir(sys.argv[1]); "
+    code = ("import sys, time; from custom_components.handlers.runs import lock_run_dir; lock_run_dir(sys.argv[1]); "
             "print('locked', flush=True); time.sleep(120)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
@@ -90,7 +90,7 @@ def test_a_second_run_into_a_locked_folder_stops_naming_the_folder_and_the_other
     import json
     import signal
 
-    from custom_components.runs import LOCK_FILE, RunLockedError
+    from custom_components.handlers.runs import LOCK_FILE, RunLockedError
 
     run = tmp_path / "runs" / "unet"
     other = _hold_lock_in_another_process(run)
@@ -105,7 +105,7 @@ def test_a_second_run_into_a_locked_folder_stops_naming_the_folder_and_the_other
         other.send_signal(signal.SIGKILL)
         other.wait()
     # the lock of a killed process is stale: detected and taken over, with a warning naming that process
-    with caplog.at_level(logging.WARNING, logger="custom_components.runs"):
+    with caplog.at_level(logging.WARNING, logger="custom_components.handlers.runs"):
         check_run_dirs(run / "checkpoints", run / "models" / "model.pt", output_dir=run)
     assert f"taking over the lock left by process {other.pid}" in caplog.text and "no longer running" in caplog.text
     assert json.loads((run / LOCK_FILE).read_text())["pid"] == os.getpid()
@@ -113,7 +113,7 @@ def test_a_second_run_into_a_locked_folder_stops_naming_the_folder_and_the_other
 
 
 def test_every_run_folder_is_locked_and_released_at_exit(tmp_path, release_locks):
-    from custom_components.runs import LOCK_FILE, release_run_locks
+    from custom_components.handlers.runs import LOCK_FILE, release_run_locks
 
     out, models = tmp_path / "out", tmp_path / "elsewhere" / "models"
     check_run_dirs(out / "checkpoints", models / "model.pt", output_dir=out)
@@ -166,7 +166,7 @@ def test_a_fresh_run_is_refused_when_only_a_discriminator_and_events_are_left(tm
                                            ("gpu", "is not a device name"), ("meta", "runs on cpu or cuda")])
 def test_an_unavailable_device_is_named_before_any_work(tmp_path, device, words, release_locks):
     """Issue 17, item 13: '--device cuda' on a CPU machine gave a raw traceback in training."""
-    from custom_components.runs import check_device
+    from custom_components.handlers.runs import check_device
 
     with pytest.raises(ValueError, match=words) as e:
         check_device(device)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from custom_components.schedules import IterationLrSchedule
+from custom_components.engines.schedules import IterationLrSchedule
 
 
 def _run(schedule, max_epochs, epoch_length=5, start=0, resume_at=None):
@@ -44,7 +44,7 @@ def test_bad_options_are_named():
 
 
 def test_delayed_validation_runs_only_after_the_warmup_every_interval():
-    from custom_components.schedules import DelayedValidationHandler
+    from custom_components.engines.schedules import DelayedValidationHandler
 
     validated = []
     validator = Engine(lambda e, b: None)
@@ -56,7 +56,7 @@ def test_delayed_validation_runs_only_after_the_warmup_every_interval():
 
 
 def _validated_epochs(start_iteration, max_epochs, **trainer_attrs):
-    from custom_components.schedules import DelayedValidationHandler
+    from custom_components.engines.schedules import DelayedValidationHandler
 
     validated = []
     validator = Engine(lambda e, b: None)
@@ -86,7 +86,7 @@ def test_the_delay_does_not_depend_on_the_networks():
 
 
 # --------------------------------------------------------------------------- PhaseSchedule: phases follow the data
-from custom_components.schedules import PhaseSchedule, check_selection_metric, iterations_per_epoch  # noqa: E402
+from custom_components.engines.schedules import PhaseSchedule, check_selection_metric, iterations_per_epoch  # noqa: E402
 
 
 @pytest.mark.parametrize("n, batch, world, expected", [(16, 2, 1, 8), (12, 2, 1, 6), (1251, 2, 1, 626), (2, 2, 1, 1),

@@ -6,8 +6,8 @@ import pytest
 from ignite.engine import Engine
 from monai.handlers import StatsHandler, from_engine
 
-from custom_components.handlers import loss_terms
-from custom_components.tracking import as_decollated, with_tracking
+from custom_components.handlers.training import loss_terms
+from custom_components.utils.tracking import as_decollated, with_tracking
 
 mlflow = pytest.importorskip("mlflow", reason="MLflow is an optional extra")
 

@@ -20,9 +20,9 @@ from custom_components import (
     uses_local_discriminator,
     validate_hyperparameters,
 )
-from custom_components.events import DualAttentionEvents
-from custom_components.handlers import image_panels, loss_terms
-from custom_components.hyperparameters import TRAINER_OPTIONS
+from custom_components.engines.events import DualAttentionEvents
+from custom_components.handlers.training import image_panels, loss_terms
+from custom_components.config.hyperparameters import TRAINER_OPTIONS
 
 
 #: the networks each variant trains, written out from the paper (section 3.1-3.2) rather than computed from
@@ -489,7 +489,7 @@ def test_mixed_local_target_labels_each_voxel_of_a_composite():
 
 def test_gap_source_is_zero_where_the_synthesis_equals_the_target():
     """attention_source 'gap': M from D2(Y) - D2(G(X)); where G(X) = Y the gap is 0 and F is uniform."""
-    from custom_components.losses import gap_confidence
+    from custom_components.losses.synthesis import gap_confidence
 
     logits = torch.randn(2, 1, 8, 8)
     assert torch.allclose(gap_confidence(logits, logits), torch.ones_like(logits))
@@ -519,7 +519,7 @@ def test_error_weighted_refuses_the_gap_source():
 
 
 def _with_head(variant="unet", **kwargs):
-    from custom_components.networks import ErrorPredictor
+    from custom_components.networks.nets import ErrorPredictor
 
     torch.manual_seed(0)
     head = ErrorPredictor(2, channels=(4, 4, 8, 8), stem_stride=1)
@@ -530,7 +530,7 @@ def _with_head(variant="unet", **kwargs):
 
 def test_error_head_learns_where_the_synthesis_is_wrong():
     """The head regresses the detached |Y - G(X)|: after some updates on a fixed batch it ranks the error well."""
-    from custom_components.metrics import confidence_qa
+    from custom_components.metrics.synthesis import confidence_qa
 
     trainer, g, head = _with_head()
     source, noise = _fixed_batch(32)
@@ -668,7 +668,7 @@ def test_the_penalty_handler_is_attached_and_adds_eq2s_penalty_in_the_critics_ow
     """With gp_interval 1 each update is Eq. 2 exactly: one step on E[D1(G(X))] - E[D1(Y)] + GP; with k, every k-th
     update adds k * GP in the same step. Checked against a hand-written update of a copy of the critic (plain SGD)."""
     from custom_components import GradientPenalty
-    from custom_components.handlers import GradientPenaltyHandler
+    from custom_components.engines.penalty import GradientPenaltyHandler
 
     trainer, g, d1, _ = _make("global", n_critic=1, lambda_gp=10.0, gp_interval=gp_interval)
     handler = trainer.gradient_penalty

@@ -5,7 +5,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Invertd
 
-from custom_components.transforms import InvertibleIntensityWindowd
+from custom_components.transforms.dictionary import InvertibleIntensityWindowd
 
 
 def test_fixed_hu_window_round_trip():
@@ -49,7 +49,7 @@ def test_bad_arguments(kwargs, name):
 def test_sampling_weight_oversamples_tumour_inside_foreground():
     from monai.transforms import RandWeightedCropd
 
-    from custom_components.transforms import SamplingWeightd
+    from custom_components.transforms.dictionary import SamplingWeightd
 
     src = torch.zeros(1, 20, 20, 1)
     mask = torch.zeros_like(src)
@@ -83,7 +83,7 @@ def _weighted_item(shape=(20, 18, 9), seed=0):
 
 
 def _pipeline(sample_size, tumour_weight=3.0):
-    from custom_components.transforms import SamplingTabled, SamplingWeightd
+    from custom_components.transforms.dictionary import SamplingTabled, SamplingWeightd
 
     return [SamplingWeightd(tumour_weight=tumour_weight), SamplingTabled(spatial_size=sample_size)]
 
@@ -92,7 +92,7 @@ def _pipeline(sample_size, tumour_weight=3.0):
 def test_table_crop_draws_the_same_centres_as_monai(sample_size):
     from monai.transforms import RandWeightedCropd
 
-    from custom_components.transforms import RandTableWeightedCropd
+    from custom_components.transforms.dictionary import RandTableWeightedCropd
 
     d = _weighted_item()
     for t in _pipeline(sample_size):
@@ -109,7 +109,7 @@ def test_table_crop_draws_the_same_centres_as_monai(sample_size):
 
 
 def test_table_crop_follows_the_weights_and_a_replaced_map():
-    from custom_components.transforms import RandTableWeightedCropd
+    from custom_components.transforms.dictionary import RandTableWeightedCropd
 
     d = _weighted_item()
     for t in _pipeline((1, 1, 1), tumour_weight=0.0):
@@ -132,7 +132,7 @@ def test_cached_items_are_not_modified_by_the_random_crops():
     from monai.data import CacheDataset
     from monai.transforms import Compose, RandFlipd, SpatialPadd, SqueezeDimd
 
-    from custom_components.transforms import RandTableWeightedCropd
+    from custom_components.transforms.dictionary import RandTableWeightedCropd
 
     keys = ["source", "target", "mask", "label"]
     size = (8, 8, 1)
@@ -161,7 +161,7 @@ def test_untracked_compose_gives_the_same_patches_as_plain_tensors_and_restores_
     from monai.data import MetaTensor, get_track_meta
     from monai.transforms import Compose, RandFlipd, RandSpatialCropSamplesd
 
-    from custom_components.transforms import UntrackedCompose
+    from custom_components.transforms.dictionary import UntrackedCompose
 
     def chain():
         return [RandSpatialCropSamplesd(keys=["a", "b"], roi_size=(8, 8), num_samples=3, random_size=False),

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from custom_components.hyperparameters import Variant
-from custom_components.losses import AttentionSource
-from custom_components.variants import VARIANTS, uses_attention, variant_spec
+from custom_components.config.hyperparameters import Variant
+from custom_components.losses.synthesis import AttentionSource
+from custom_components.engines.variants import VARIANTS, uses_attention, variant_spec
 
 
 def test_the_table_has_one_row_per_variant_in_the_enums_order():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from custom_components.phantom_dataset import ensure_phantom
+from custom_components.apps.phantom_dataset import ensure_phantom
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_OVERRIDES = {"patch_size": [32, 32], "generator_channels": [8, 16, 32, 64], "local_channels": [8, 8, 16, 16],

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from custom_components.data import check_datalist, load_datalist
-from custom_components.prepare import prepare_brats
+from custom_components.data.datalist import check_datalist, load_datalist
+from custom_components.apps.prepare import prepare_brats
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = (16, 16, 12)
@@ -183,7 +183,7 @@ def test_synthrad_cli(synthrad):
     check_datalist([i for i in items if i["source"].endswith(".nii.gz")], aux_keys=("mask",))
     from monai.transforms import LoadImaged
 
-    from custom_components.readers import SimpleITKReader
+    from custom_components.data.readers import SimpleITKReader
 
     mha = next(i for i in items if i["source"].endswith(".mha"))
     loaded = LoadImaged(["source", "target", "mask"], reader=SimpleITKReader(), image_only=True)(mha)

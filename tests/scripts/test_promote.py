@@ -14,7 +14,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from custom_components.paths import config_files
+from custom_components.config.paths import config_files
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("export_bundle", ROOT / "scripts" / "export_bundle.py")

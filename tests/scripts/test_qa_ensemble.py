@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from custom_components.metrics import QA_KEYS
+from custom_components.metrics.synthesis import QA_KEYS
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))

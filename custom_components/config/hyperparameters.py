@@ -1,0 +1,351 @@
+"""The training options of the bundle, as one validated object (issue 20, item 1).
+
+:class:`TrainingOptions` is the single source of every training option's default, type and allowed range or choice:
+the trainer's keyword defaults are its defaults (:class:`custom_components.engines.trainer.DualAttentionTrainer`'s signature
+reads them from here), the trainer validates its options through it, ``validate_hyperparameters`` (train.json's
+``check_options``) builds it from train.json's ``run_options`` (the options written to ``run_config.json`` and sent
+to MLflow), and the command-line check takes its rules for training options from it
+(:data:`custom_components.config.options.OPTION_RULES`). Unknown keys are refused, naming the closest option. The run
+record (``run_config.json``) and the resume comparison store each option as this object stores it
+(:func:`normalised_options`), and the ablation, the tuner and the benchmark check their overrides with its rules
+before any run (:func:`check_overrides`).
+
+This module stands on the ground floor: it imports the standard library, ``monai.utils`` and the two enums of
+:mod:`custom_components.losses.synthesis`, and nothing that imports the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+from monai.utils import StrEnum, str2bool
+
+from ..losses.synthesis import AttentionNorm, AttentionSource
+
+__all__ = [
+    "PRECISIONS", "FreshBatches", "LocalTarget", "Rule", "TRAINER_OPTIONS", "TrainingOptions", "Variant", "as_flag",
+    "check_overrides", "normalised_options",
+]
+
+
+class Variant(StrEnum):
+    """Model variants compared in the paper (section 3.1-3.2)."""
+
+    UNET = "unet"  # G with the plain L1/L2 loss only
+    GLOBAL = "global"  # sGAN-1: G + global critic D1
+    LOCAL = "local"  # sGAN-2: G + local discriminator D2
+    DUAL = "dual"  # sGAN-dual: both discriminators, plain L1/L2
+    DUAL_ATTENTION = "dual_attention"  # the full method: both discriminators + difficulty-aware attention
+    ERROR_WEIGHTED = "error_weighted"  # G alone, voxel loss weighted by F from the error |Y - G(X)| (focal-style L1)
+
+
+class FreshBatches(StrEnum):
+    """Which updates of one iteration draw their own mini-batch from the training loader."""
+
+    NONE = "none"  # one batch and one G(X) for every update (cheapest)
+    GENERATOR = "generator"  # the paper (section 2.2): G is updated "using another mini-batch"
+    ALL = "all"  # additionally, every critic update after the first uses a fresh batch
+
+
+class LocalTarget(StrEnum):
+    """What the local discriminator D2 is trained to output (Eq. 4 and an option beyond the paper)."""
+
+    BINARY = "binary"  # the paper: 1 on every voxel of Y, 0 on every voxel of G(X)
+    # additionally a per-voxel composite of Y and G(X) under a random mask, whose voxels D2 must label (as in
+    # U-Net GAN, Schoenfeld et al., CVPR 2020): D2 cannot answer from global cues, only from what each region shows
+    MIXED = "mixed"
+
+
+#: the numeric precisions the trainer trains in (``fp16`` needs CUDA)
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+# --- what a value may be ---------------------------------------------------------------------------------------------
+
+#: words a switch may be given as that ``monai.utils.str2bool`` does not know (it takes yes/true/t/y/1, no/false/f/n/0):
+#: on/off, and an empty or null value (a switch left unset on the command line) as false
+_FLAG_WORDS = {"on": "true", "off": "false", "none": "false", "null": "false", "": "false"}
+
+
+def as_flag(value: bool | str | int | None, name: str = "flag") -> bool:
+    """A boolean config option given as a bool or as the text a command line passes (``true``/``false``, ``1``/``0``).
+
+    ``python -m monai.bundle run ... --resume true`` hands the config the string ``"true"``; a bare string would
+    always be truthy, so configs read their switches through this function (as ``custom_components.config.options.as_flag``).
+    The words are those of ``monai.utils.str2bool``, plus ``on``/``off`` and an empty or null value (false); anything
+    else is a ``ValueError`` naming the option ``name``.
+    """
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()  # str2bool neither strips nor takes numbers
+    text = _FLAG_WORDS.get(text, text)
+    try:
+        return str2bool(text, raise_exc=True)
+    except ValueError:  # str2bool's message does not say which option was wrong
+        raise ValueError(f"{name} must be true or false, got {value!r}.") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_flag(value: Any) -> bool:
+    try:
+        as_flag(value)
+    except ValueError:
+        return False
+    return True
+
+
+class Rule(NamedTuple):
+    """What an option's value must be: ``test(value)`` is true for the allowed values, ``expected`` says which."""
+
+    test: Callable[[Any], bool]
+    expected: str
+
+
+def _choice(enum: type[StrEnum]) -> Rule:
+    def test(value: Any) -> bool:
+        try:
+            enum(value)
+        except (ValueError, TypeError):
+            return False
+        return True
+
+    return Rule(test, f"one of {[e.value for e in enum]}")
+
+
+def _ints() -> Rule:
+    return Rule(lambda v: isinstance(v, (list, tuple)) and len(v) >= 1 and all(_is_int(s) and s >= 1 for s in v),
+                "a list of integers >= 1")
+
+
+_POSITIVE_INT = Rule(lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+_POSITIVE_NUMBER = Rule(lambda v: _is_number(v) and v > 0, "a number > 0")
+_NON_NEGATIVE = Rule(lambda v: _is_number(v) and v >= 0, "a number >= 0")
+_FRACTION = Rule(lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]")
+_FLAG = Rule(_is_flag, "true or false")
+_BETAS = Rule(lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v),
+              "two numbers in [0, 1)")
+
+
+def _warmup(start: str) -> Rule:
+    return Rule(lambda v: v is None or (_is_int(v) and v >= 0), f"an integer >= 0 (or null: from {start})")
+
+
+def _option(default: Any, rule: Rule | None = None, convert: Callable[[Any, str], Any] | None = None,
+            trainer: bool = False) -> Any:
+    """A field of :class:`TrainingOptions`: its ``default``, its ``rule`` (None: checked where it is used), how a
+    valid value is stored (``convert(value, name)``, e.g. a string to its enum) and whether the trainer takes it."""
+    return dataclasses.field(default=default, metadata={"rule": rule, "convert": convert, "trainer": trainer})
+
+
+def _trainer(default: Any, rule: Rule, convert: Callable[[Any, str], Any] | None = None) -> Any:
+    """A field of :class:`TrainingOptions` that is also a keyword argument of the trainer."""
+    return _option(default, rule, convert, trainer=True)
+
+
+def _to_float(value: Any, _: str) -> float:
+    return float(value)
+
+
+def _to_enum(enum: type[StrEnum]) -> Callable[[Any, str], StrEnum]:
+    return lambda value, _: enum(value)
+
+
+# --- the options -----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingOptions:
+    """Every training option with its default, type and allowed range or choice, checked when the object is built.
+
+    **Defaults.** The default of each field is *the* default of that option in Python: the keyword defaults of
+    :class:`custom_components.engines.trainer.DualAttentionTrainer` are these values (its signature reads them from this
+    class). For the options of the trainer (:data:`TRAINER_OPTIONS`) the defaults are the trainer's own, mostly the
+    paper's setting (``variant="dual_attention"``, ``lambda_adv_global=0.01``, ``gp_interval=1``, no warm-up,
+    ``attention_norm="none"``, ...). The bundle's ``train.json`` keeps the options as top-level ids (the model-zoo
+    convention) and **its values override these defaults** for a bundle run (e.g. ``variant "error_weighted"``,
+    ``lambda_adv_global 0.001``, ``gp_interval 4``, ``attention_warmup``/``adversarial_warmup`` null, resolved from
+    ``attention_start``/``adversarial_start``). The other fields are options that the config itself consumes (data,
+    optimisers, networks, schedule); their defaults restate train.json's values (a test keeps them equal).
+
+    **Checks.** Building the object (``TrainingOptions(...)`` or :meth:`from_mapping`) checks every field's value
+    against its :class:`Rule` and raises a ``ValueError`` naming the option, the value found and what was expected;
+    enum options are stored as their enums, switches as bools, real-valued options as floats. Fields without a rule
+    are checked where they are used (networks, optimisers, schedule). :meth:`from_mapping` also refuses unknown keys,
+    naming the closest option.
+    """
+
+    # options of the trainer (DualAttentionTrainer's keyword arguments)
+    variant: Variant = _trainer(Variant.DUAL_ATTENTION, _choice(Variant), _to_enum(Variant))
+    beta: float = _trainer(2.0, _NON_NEGATIVE, _to_float)
+    p: int = _trainer(1, Rule(lambda v: _is_int(v) and v in (1, 2), "1 or 2"))
+    lambda_gp: float = _trainer(10.0, _NON_NEGATIVE, _to_float)
+    lambda_adv_global: float = _trainer(0.01, _NON_NEGATIVE, _to_float)
+    lambda_adv_local: float = _trainer(0.05, _NON_NEGATIVE, _to_float)
+    n_critic: int = _trainer(1, _POSITIVE_INT)
+    attention_warmup: int | None = _trainer(0, _warmup("attention_start"))
+    attention_norm: AttentionNorm = _trainer(AttentionNorm.NONE, _choice(AttentionNorm), _to_enum(AttentionNorm))
+    attention_floor: float = _trainer(0.0, _FRACTION, _to_float)
+    adversarial_warmup: int | None = _trainer(0, _warmup("adversarial_start"))
+    local_conditional: bool = _trainer(False, _FLAG, as_flag)
+    fresh_batches: FreshBatches = _trainer(FreshBatches.NONE, _choice(FreshBatches), _to_enum(FreshBatches))
+    attention_source: AttentionSource = _trainer(AttentionSource.CONFIDENCE, _choice(AttentionSource),
+                                                _to_enum(AttentionSource))
+    local_target: LocalTarget = _trainer(LocalTarget.BINARY, _choice(LocalTarget), _to_enum(LocalTarget))
+    n_local: int = _trainer(1, _POSITIVE_INT)
+    local_mix_cell: int = _trainer(16, Rule(_POSITIVE_INT.test, "an integer >= 1 (voxels)"))
+    attention_smoothing: float = _trainer(0.0, Rule(_NON_NEGATIVE.test, "a number >= 0 (voxels)"), _to_float)
+    local_ema: float = _trainer(0.0, Rule(lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1) (0 = off)"),
+                               _to_float)
+    precision: str = _trainer("fp32", Rule(lambda v: v in PRECISIONS, f"one of {list(PRECISIONS)}"))
+    gp_interval: int = _trainer(1, _POSITIVE_INT)
+
+    # options the config consumes (defaults: train.json's values)
+    epochs: int = _option(300, _POSITIVE_INT)
+    val_interval: int = _option(5, _POSITIVE_INT)
+    seed: int = _option(0, Rule(_is_int, "an integer"))
+    spatial_dims: int = _option(2, Rule(lambda v: _is_int(v) and v in (2, 3), "2 or 3"))
+    patch_size: tuple = _option((96, 96), _ints())
+    batch_size: int = _option(2, _POSITIVE_INT)
+    samples_per_volume: int = _option(4, _POSITIVE_INT)
+    datalist: str | None = _option(None)  # train.json: <dataset_dir>/datalist.json, checked when it is read
+    tumour_weight: float = _option(0.0, _NON_NEGATIVE)
+    hard_sampling: bool = _option(False, _FLAG, as_flag)
+    error_weight: float = _option(4.0, _NON_NEGATIVE)
+    error_interval: int = _option(5, _POSITIVE_INT)
+    lr_g: float = _option(0.001, _POSITIVE_NUMBER)
+    lr_d1: float = _option(0.0002, _POSITIVE_NUMBER)
+    lr_d2: float = _option(0.0002, _POSITIVE_NUMBER)
+    lr_error_head: float = _option(0.002, _POSITIVE_NUMBER)
+    betas_g: tuple = _option((0.5, 0.999), _BETAS)
+    betas_d1: tuple = _option((0.5, 0.999), _BETAS)
+    betas_d2: tuple = _option((0.5, 0.999), _BETAS)
+    lr_schedule: str = _option("cosine")  # checked by custom_components.engines.schedules.IterationLrSchedule
+    adversarial_start: float = _option(0.8)  # both checked by custom_components.engines.schedules.PhaseSchedule
+    attention_start: float = _option(0.82)
+    select_after_warmup: bool = _option(True, _FLAG, as_flag)
+    selection_metric: str = _option("val_psnr")  # checked by custom_components.engines.schedules.check_selection_metric
+    pretrained_generator: str | None = _option(None)
+    generator_channels: tuple = _option((16, 32, 64, 128), _ints())
+    critic_norm: Any = _option(None)  # the three checked by custom_components.networks.nets.GlobalCritic
+    critic_downsample: str = _option("stride")
+    critic_act: Any = _option(("leakyrelu", {"negative_slope": 0.2}))
+    local_channels: tuple = _option((8, 16, 32, 64), _ints())
+    local_stem_stride: int = _option(2, _POSITIVE_INT)
+    error_head: bool = _option(True, _FLAG, as_flag)
+    error_head_channels: tuple = _option((16, 32, 64, 128), _ints())
+    error_head_stem_stride: int = _option(2, _POSITIVE_INT)
+    metric_range: float = _option(1.0, _POSITIVE_NUMBER)
+
+    def __post_init__(self) -> None:
+        for name in self.names():
+            object.__setattr__(self, name, self.check(name, getattr(self, name)))
+        if self.variant == Variant.ERROR_WEIGHTED and self.attention_source in (AttentionSource.GAP,
+                                                                                AttentionSource.PREDICTED):
+            raise ValueError(f"variant 'error_weighted' always weights by the error; attention_source "
+                             f"{self.attention_source.value!r} is for the variants with a local discriminator.")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The names of every option, in field order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def check(cls, name: str, value: Any) -> Any:
+        """``value`` as option ``name`` stores it (an enum, a bool, a float), after checking it against the option's
+        rule; a ``ValueError`` naming the option, the value and what was expected otherwise."""
+        f = cls._fields()[name]
+        rule, convert = f.metadata["rule"], f.metadata["convert"]
+        if rule is not None and not rule.test(value):
+            raise ValueError(f"{name} must be {rule.expected}, got {value!r}.")
+        return value if convert is None else convert(value, name)
+
+    @classmethod
+    def _fields(cls) -> dict[str, dataclasses.Field]:
+        return {f.name: f for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def rule(cls, name: str) -> Rule | None:
+        """The :class:`Rule` of option ``name`` (None: checked where it is used)."""
+        return cls._fields()[name].metadata["rule"]
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> TrainingOptions:
+        """The options of ``mapping`` (e.g. train.json's ``run_options``, or a trainer's keyword arguments), checked.
+
+        Missing options take their default. A key that is not an option raises a ``ValueError`` naming it, its value
+        and the closest option (a mistyped option is never dropped silently); so does a bad value.
+        """
+        names = cls.names()
+        unknown = [k for k in mapping if k not in names]
+        if unknown:
+            def closest(key: str) -> str:
+                close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+                return f"did you mean {close[0]!r}?" if close else "no option has a similar name"
+
+            raise ValueError("; ".join(f"{k!r} (value {mapping[k]!r}) is not a training option: {closest(k)}"
+                                       for k in unknown) + f" (expected one of the fields of {cls.__name__}).")
+        return cls(**mapping)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The options as a plain dict (enums as their values), e.g. for a record or a tracker."""
+        return {name: (value.value if isinstance(value, StrEnum) else value)
+                for name, value in ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))}
+
+
+#: the options :class:`custom_components.engines.trainer.DualAttentionTrainer` takes as keyword arguments (a test keeps this
+#: equal to the trainer's signature)
+TRAINER_OPTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainingOptions) if f.metadata["trainer"])
+
+
+def check_overrides(overrides: Mapping[str, Any], config_ids: Iterable[str] | None = None,
+                    what: str = "override") -> dict[str, Any]:
+    """``overrides`` (config id -> value, as a script passes them to ``python -m monai.bundle run``), checked before
+    any work: a training option's value by its rule in :class:`TrainingOptions` (a ``ValueError`` naming the option,
+    the value and what was expected), and, given ``config_ids``, every other key against the ids the configs define
+    (naming the closest). A value holding ``{seed}`` is a per-seed template and is checked once it is filled in.
+    Returns the overrides unchanged."""
+    names = set(TrainingOptions.names())
+    known = None if config_ids is None else set(config_ids) | names
+    problems = []
+    for key, value in overrides.items():
+        base = re.split(r"#|::", str(key))[0]
+        if base in names:
+            if isinstance(value, str) and "{seed}" in value:
+                continue
+            try:
+                TrainingOptions.check(base, value)
+            except ValueError as e:
+                problems.append(f"{what} {e}")
+        elif known is not None and base not in known:
+            close = difflib.get_close_matches(base, sorted(known), n=1, cutoff=0.6)
+            hint = f": did you mean {close[0]!r}?" if close else ""
+            problems.append(f"{what} {key!r} is not an option of the configs{hint}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return dict(overrides)
+
+
+def normalised_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with each training option's value as :class:`TrainingOptions` stores it (an enum as its value, a
+    switch as a bool, a real number as a float), so that ``"false"`` and ``False``, or ``2`` and ``2.0``, compare
+    equal; other keys, and a value its option's rule refuses, are kept as given (for a record and its comparison)."""
+    names, out = set(TrainingOptions.names()), {}
+    for key, value in options.items():
+        if key in names:
+            try:
+                value = TrainingOptions.check(key, value)
+            except (ValueError, TypeError):
+                pass
+        out[key] = value.value if isinstance(value, StrEnum) else value
+    return out
