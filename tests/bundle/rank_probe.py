@@ -25,12 +25,12 @@ def _subjects(batch) -> list[str]:
 
 class RankProbe:
     """Records, on its rank: the subjects of every training batch and of each validation run, the generator's
-    learning rate at every iteration, the files written with ``torch.save`` during training, its process id, and
-    which network objects the trainer and the evaluator run."""
+    learning rate and the loss at every iteration, the files written with ``torch.save`` during training, its process
+    id, and which network objects the trainer and the evaluator run."""
 
     def __init__(self, probe_dir: str, evaluator: Engine, optimizer: torch.optim.Optimizer) -> None:
         self.probe_dir, self.evaluator, self.optimizer = Path(probe_dir), evaluator, optimizer
-        self.record: dict = {"train": [], "validations": [], "lr": [], "saved": []}
+        self.record: dict = {"train": [], "validations": [], "lr": [], "loss": [], "saved": []}
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._train_iteration)
@@ -54,6 +54,7 @@ class RankProbe:
     def _train_iteration(self, engine: Engine) -> None:
         self.record["train"].append([engine.state.epoch, *_subjects(engine.state.batch)])
         self.record["lr"].append(self.optimizer.param_groups[0]["lr"])
+        self.record["loss"].append(float(engine.state.output["loss"]))
 
     def _validation_iteration(self, engine: Engine) -> None:
         self.record["validations"][-1].extend(_subjects(engine.state.batch))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -109,6 +111,8 @@ def test_only_rank_0_logs_and_writes(ddp_run):
     writers = {p.name.split(".")[-2] for p in run.glob("events.out.tfevents.*")}
     assert writers == {str(main["pid"])}  # TensorBoard
     assert ddp_run["log"].count("Epoch[1] Metrics") == 1  # the stats handlers
+    shown = set(re.findall(r"\bloss=([-0-9.e+]+)", ddp_run["log"]))  # the progress bar shows rank 0's losses only
+    assert shown and shown <= {tqdm.format_num(loss) for loss in main["loss"]}, (shown, main["loss"], other["loss"])
     assert len(json.loads((run / "checkpoints" / "run_config.json").read_text())) == 1  # the start-up check
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt", "checkpoint_final.pt", "run_config.json"]
