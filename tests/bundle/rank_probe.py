@@ -26,7 +26,7 @@ def _subjects(batch) -> list[str]:
 class RankProbe:
     """Records, on its rank: the subjects of every training batch and of each validation run, the generator's
     learning rate and the loss at every iteration, the files written with ``torch.save`` during training, its process
-    id, and which network objects the trainer and the evaluator run."""
+    id, and which network objects the trainer and the evaluator run (and the generator's weights as training starts)."""
 
     def __init__(self, probe_dir: str, evaluator: Engine, optimizer: torch.optim.Optimizer) -> None:
         self.probe_dir, self.evaluator, self.optimizer = Path(probe_dir), evaluator, optimizer
@@ -50,6 +50,7 @@ class RankProbe:
         self.record["trainer_runs_ddp"] = isinstance(engine.g_network, torch.nn.parallel.DistributedDataParallel)
         self.record["evaluator_runs_the_trained_generator"] = self.evaluator.network is getattr(
             engine.g_network, "module", None)
+        self.record["start_weights"] = [float(t.double().sum()) for t in engine.g_network.state_dict().values()]
 
     def _train_iteration(self, engine: Engine) -> None:
         self.record["train"].append([engine.state.epoch, *_subjects(engine.state.batch)])

@@ -4,8 +4,9 @@ One short DDP run of ``monai.bundle run training`` is shared by the tests below.
 :class:`rank_probe.RankProbe`, which records on each rank the subjects it trained and validated on, its learning rate
 at each iteration, the files it saved and the networks its engines run. The tests check the behaviour the overlay
 exists for: the ranks train on disjoint shards and end with identical weights, every rank runs the handlers that
-change its own training (validation, learning-rate schedule, error-weighted sampling), only rank 0 logs and writes
-files, handlers save the generator without its DDP wrapper, and train.json's start-up checks still run.
+change its own training (validation, learning-rate schedule, error-weighted sampling), only rank 0 logs, shows a
+progress bar and writes files, the trainer's DDP wrapper holds the pre-trained generator that the evaluator runs
+bare and whose weights load into inference.json's network, and train.json's start-up checks still run.
 """
 
 from __future__ import annotations
@@ -64,13 +65,29 @@ def _torchrun(phantom, root, probe_dir, *extra, timeout=500):
 @pytest.fixture(scope="module")
 def ddp_run(phantom, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    returncode, log = _torchrun(phantom, root, root / "probe")
+    torch.manual_seed(1)
+    pretrained = _inference_parser().get_parsed_content("network_def").state_dict()
+    torch.save(pretrained, root / "pretrained.pt")
+    returncode, log = _torchrun(phantom, root, root / "probe", "--pretrained_generator", str(root / "pretrained.pt"))
     assert returncode == 0, log[-6000:]
     ranks = [json.loads((root / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
     subjects = {s: [item["subject"] for item in json.loads((phantom / "datalist.json").read_text())[s]]
                 for s in ("training", "validation")}
     return {"root": root, "run": root / "runs" / "dual_attention", "log": log, "ranks": ranks, "subjects": subjects,
-            "phantom": phantom}
+            "phantom": phantom, "pretrained": [float(t.double().sum()) for t in pretrained.values()]}
+
+
+def _inference_parser():
+    """inference.json (where the trained weights are used) with the network sizes of the run."""
+    from monai.bundle import ConfigParser
+
+    from custom_components.paths import config_files
+
+    parser = ConfigParser()
+    parser.read_config(config_files(ROOT / "bundle", "infer"))
+    parser.update({"bundle_root": str(ROOT / "bundle"), "generator_channels": [8, 16, 32, 64],
+                   "local_channels": [8, 8, 16, 16], "error_head_channels": [4, 4, 8, 8]})
+    return parser
 
 
 def test_each_epoch_splits_the_training_subjects_between_the_ranks(ddp_run):
@@ -110,7 +127,8 @@ def test_only_rank_0_logs_and_writes(ddp_run):
     run = ddp_run["run"]
     writers = {p.name.split(".")[-2] for p in run.glob("events.out.tfevents.*")}
     assert writers == {str(main["pid"])}  # TensorBoard
-    assert ddp_run["log"].count("Epoch[1] Metrics") == 1  # the stats handlers
+    assert ddp_run["log"].count("Epoch[1] Metrics") == 1  # the stats handlers: validation, and training below
+    assert len(re.findall(r"Epoch: \d+/\d+, Iter: \d+/\d+ --", ddp_run["log"])) == len(main["train"])
     shown = set(re.findall(r"\bloss=([-0-9.e+]+)", ddp_run["log"]))  # the progress bar shows rank 0's losses only
     assert shown and shown <= {tqdm.format_num(loss) for loss in main["loss"]}, (shown, main["loss"], other["loss"])
     assert len(json.loads((run / "checkpoints" / "run_config.json").read_text())) == 1  # the start-up check
@@ -120,16 +138,11 @@ def test_only_rank_0_logs_and_writes(ddp_run):
 
 def test_the_trainer_updates_ddp_wrappers_and_handlers_save_the_bare_networks(ddp_run):
     """The evaluator and the savers use the generator itself, so model.pt loads into the inference network."""
-    from monai.bundle import ConfigParser
-
-    from custom_components.paths import config_files
-
     for rank in ddp_run["ranks"]:
         assert rank["trainer_runs_ddp"] and rank["evaluator_runs_the_trained_generator"]
-    parser = ConfigParser()
-    parser.read_config(config_files(ROOT / "bundle", "infer"))
-    parser.update({"bundle_root": str(ROOT / "bundle"), "generator_channels": [8, 16, 32, 64],
-                   "local_channels": [8, 8, 16, 16], "error_head_channels": [4, 4, 8, 8]})
+        # the DDP wrapper holds the generator --pretrained_generator loaded
+        assert rank["start_weights"] == pytest.approx(ddp_run["pretrained"])
+    parser = _inference_parser()
     models = ddp_run["root"] / "models"
     for name, network in (("model.pt", "network_def"), ("local_discriminator.pt", "local_discriminator"),
                           ("error_head.pt", "error_predictor")):
@@ -138,8 +151,9 @@ def test_the_trainer_updates_ddp_wrappers_and_handlers_save_the_bare_networks(dd
 
 def test_the_start_up_checks_of_train_json_run_on_every_rank(ddp_run, tmp_path):
     """A second run into the finished run's folders is refused on both ranks before any training (check_outputs, the
-    last of train.json's checks; rank 1 learns of rank 0's refusal)."""
+    last of train.json's checks, runs on rank 0 and rank 1 learns of its refusal)."""
     returncode, log = _torchrun(ddp_run["phantom"], ddp_run["root"], tmp_path / "probe", timeout=300)
     assert returncode != 0
-    assert "--resume true" in log and log.count("rank 0 failed:") >= 1
+    assert "--resume true" in log
+    assert log.count("ERROR (RuntimeError): rank 0 failed: FileExistsError: an earlier run left") == 2
     assert "Epoch[1]" not in log and not (tmp_path / "probe").exists()
