@@ -3,13 +3,15 @@
 An overlay's ``imports`` list replaces train.json's (MONAI merges configs key by key), so an overlay that did not
 repeat ``$import custom_components.tracking`` once broke training with ``module 'custom_components' has no attribute
 'tracking'`` (train.json + mrct.json, train.json + multi_gpu_train.json); the package now loads its sub-modules on
-access. Here each combination is merged as ``monai.bundle`` merges it, in its own new process (nothing imported by
-pytest or by another combination can hide a missing import), and then:
+access. Here each combination is merged as ``monai.bundle`` merges it, in a process of its own (forked from one
+that has imported only torch and MONAI, so nothing imported by pytest or by another combination can hide a missing
+import), and then:
 
 * every import statement of the config is run, as MONAI runs them before the first item it resolves;
-* every ``_target_`` is located as MONAI locates it, and the component's arguments bind to its signature;
 * every name a ``$`` expression reads (``os.path.join``, ``custom_components.distributed.local_device``) resolves
-  in the namespace those imports build, attribute by attribute, without evaluating the expression.
+  in the namespace those imports build, attribute by attribute, without evaluating the expression (checked before
+  any ``_target_`` is imported, so only the imports and the package's lazy sub-modules can resolve it);
+* every ``_target_`` is located as MONAI locates it, and the component's arguments bind to its signature.
 """
 
 from __future__ import annotations
