@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from .config.hyperparameters import TrainingOptions, Variant
+from .config.hyperparameters import TrainingOptions, Variant, as_flag
 from .losses.synthesis import AttentionNorm, DifficultyAwareLoss, GradientPenalty, attention_weight, confidence_map
 from .networks.nets import GlobalCritic, LocalDiscriminator
+from .transforms.confidence import confidence_condition_key
 from .engines.trainer import (
     DualAttentionKeys,
     DualAttentionTrainer,
@@ -25,7 +26,9 @@ __all__ = [
     "TrainingOptions",
     "Variant",
     "all_variants",
+    "as_flag",
     "attention_weight",
+    "confidence_condition_key",
     "confidence_map",
     "uses_global_critic",
     "uses_local_discriminator",

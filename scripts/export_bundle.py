@@ -21,10 +21,8 @@ Neither command overwrites anything without ``--overwrite true``. Weights are ch
 
 from __future__ import annotations
 
-import ast
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -32,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "custom_components"
 WEIGHT_FILES = ("model.pt", "local_discriminator.pt", "error_head.pt")
 DOC_SUFFIXES = (".md", ".csv", ".txt", ".png", ".jpg")
-SERVING_MODULES = ("label_task",)  # not imported by the configs, used by the MONAI Label app (monailabel_app/)
 
 
 def _read_metadata(bundle_dir: Path) -> dict:
@@ -90,30 +87,6 @@ def check_weights(bundle_dir: str | Path, models_dir: str | Path | None = None) 
     return checked
 
 
-def _runtime_modules(bundle_dir: Path, package_dir: Path) -> list[str]:
-    """Modules of the package the configs import, with the package modules they import in turn."""
-    wanted = {"__init__", *SERVING_MODULES}
-    for config in (bundle_dir / "configs").glob("*.json"):
-        wanted.update(re.findall(rf"\b{PACKAGE}\.(\w+)", config.read_text()))
-    wanted = {m for m in wanted if (package_dir / f"{m}.py").is_file()}
-    todo = list(wanted)
-    while todo:
-        tree = ast.parse((package_dir / f"{todo.pop()}.py").read_text())
-        for node in ast.walk(tree):
-            names: list[str] = []
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                names = [node.module] if node.module else [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(PACKAGE + "."):
-                names = [node.module.split(".")[1]]
-            elif isinstance(node, ast.Import):
-                names = [a.name.split(".")[1] for a in node.names if a.name.startswith(PACKAGE + ".")]
-            for name in names:
-                if name not in wanted and (package_dir / f"{name}.py").is_file():
-                    wanted.add(name)
-                    todo.append(name)
-    return sorted(wanted)
-
-
 def export(output_dir: str = "release", bundle_dir: str = str(ROOT / "bundle"), overwrite: bool = False,
            package_dir: str = str(ROOT / PACKAGE)) -> str:
     """Write the release folder ``<output_dir>/<name>/`` and ``<output_dir>/<name>_v<version>.zip``; return the zip path.
@@ -122,7 +95,7 @@ def export(output_dir: str = "release", bundle_dir: str = str(ROOT / "bundle"), 
         output_dir: where the release folder and zip are written.
         bundle_dir: the bundle to release (configs/, docs/, models/, LICENSE).
         overwrite: replace an existing release folder and zip of the same name and version.
-        package_dir: the ``custom_components`` source; its runtime modules are copied into the release.
+        package_dir: the ``custom_components`` source, copied into the release.
     """
     bundle, package, out = Path(bundle_dir).resolve(), Path(package_dir).resolve(), Path(output_dir).resolve()
     meta = _read_metadata(bundle)
@@ -149,9 +122,8 @@ def export(output_dir: str = "release", bundle_dir: str = str(ROOT / "bundle"), 
     shutil.copy2(license_file, folder / "LICENSE")
     for file in weights:
         shutil.copy2(file, folder / "models" / file.name)
-    (folder / PACKAGE).mkdir()
-    for module in _runtime_modules(bundle, package):
-        shutil.copy2(package / f"{module}.py", folder / PACKAGE / f"{module}.py")
+    # the whole package: its groups import their modules, so a release holds every group whole
+    shutil.copytree(package, folder / PACKAGE, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     partial_zip = shutil.make_archive(str(staging / archive.stem), "zip", root_dir=staging, base_dir=name)
     if final_folder.exists():
         shutil.rmtree(final_folder)

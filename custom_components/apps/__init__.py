@@ -7,6 +7,6 @@ utils, losses, config, networks, transforms, data, inferers, metrics, engines, h
 
 from __future__ import annotations
 
-from . import phantom, phantom_dataset, prepare, preprocess, inference, evaluation, label_task, writers, splits, phantom_tissues, phantom_dataset
+from . import phantom, phantom_dataset, prepare, preprocess, inference, evaluation, label_task, writers, splits, phantom_tissues
 
 __all__ = ['evaluation', 'inference', 'label_task', 'phantom', 'phantom_dataset', 'phantom_tissues', 'prepare', 'preprocess', 'splits', 'writers']

@@ -4,11 +4,14 @@ under a final name.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from monai.data import NibabelWriter
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["AtomicNibabelWriter", "IMAGE_SUFFIXES", "PARTIAL_TAG", "partial_name", "remove_partial_outputs"]
 

@@ -16,13 +16,12 @@ import hashlib
 import inspect
 import json
 import logging
-import math
 import os
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
 from typing import Any

@@ -9,6 +9,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from .datalist import DatalistError
+
 __all__ = ["SSIM_WINDOW", "check_volume_sizes", "ras_shape", "slice_size_problem"]
 
 

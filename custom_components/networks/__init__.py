@@ -6,6 +6,6 @@ utils, losses, config.
 
 from __future__ import annotations
 
-from . import weights, nets, weights
+from . import weights, nets
 
 __all__ = ['nets', 'weights']

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from custom_components.apps import phantom
+from custom_components.apps import phantom_tissues
 from custom_components.apps.phantom_tissues import TISSUE_LABELS
 from custom_components.apps.phantom import TUMOUR_MODES, check_tumour_mode, make_subject, subject_rng
 
@@ -269,7 +269,7 @@ def test_learnable_t1_texture_is_well_above_noise(monkeypatch: pytest.MonkeyPatc
     for index in range(4):
         s = make_subject("t1t2", rng=subject_rng(0, index))
         with monkeypatch.context() as patch:
-            patch.setattr(phantom, "_LEARNABLE_T1_TEXTURE", 0.0)  # same random stream, texture left out of T1
+            patch.setattr(phantom_tissues, "_LEARNABLE_T1_TEXTURE", 0.0)  # same random stream, texture left out of T1
             flat = make_subject("t1t2", rng=subject_rng(0, index))
         tumour = s["seg"] > 0
         texture_std = float((s["t1"] - flat["t1"])[tumour].std())

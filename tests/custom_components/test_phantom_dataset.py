@@ -171,7 +171,7 @@ def test_mrct_ignores_tumour_mode(tmp_path: Path) -> None:
 
 def test_prepare_phantom_passes_tumour_mode(tmp_path: Path) -> None:
     """The bundle config's ``phantom`` dict reaches the writer, ``tumour_mode`` included, and is validated."""
-    data = pytest.importorskip("custom_components.data.datalist")
+    data = pytest.importorskip("custom_components.apps.phantom_dataset")
     config = {"task": "t1t2", "n_train": 1, "n_val": 0, "n_test": 0, "shape": [32, 32, 32], "seed": 0}
     path = data.prepare_phantom(tmp_path / "ds", config | {"tumour_mode": "irreducible"})
     assert json.loads((Path(path).parent / "phantom.json").read_text())["tumour_mode"] == "irreducible"
