@@ -45,9 +45,9 @@ WEIGHTS = {"eval": {}, "eval_final": {"model_file": "model_final.pt", "local_d_f
 
 def config_ids() -> set[str]:
     """The ids train.json and evaluate.json define (the keys a run's overrides may set)."""
-    configs = ROOT / "bundle" / "configs"
-    return {key for name in ("train.json", "evaluate.json")
-            for key in json.loads((configs / name).read_text())}
+    from custom_components.config.options import defined_ids
+
+    return defined_ids([ROOT / "bundle" / "configs" / name for name in ("train.json", "evaluate.json")])
 
 
 def check_arms(arms: dict, common: dict) -> None:

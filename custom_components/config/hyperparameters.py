@@ -29,7 +29,7 @@ from ..losses.synthesis import AttentionNorm, AttentionSource
 
 __all__ = [
     "PRECISIONS", "FreshBatches", "LocalTarget", "Rule", "TRAINER_OPTIONS", "TrainingOptions", "Variant", "as_flag",
-    "check_overrides", "normalised_options",
+    "check_overrides", "closest_name", "normalised_options",
 ]
 
 
@@ -290,8 +290,8 @@ class TrainingOptions:
         unknown = [k for k in mapping if k not in names]
         if unknown:
             def closest(key: str) -> str:
-                close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
-                return f"did you mean {close[0]!r}?" if close else "no option has a similar name"
+                close = closest_name(key, names)
+                return f"did you mean {close!r}?" if close else "no option has a similar name"
 
             raise ValueError("; ".join(f"{k!r} (value {mapping[k]!r}) is not a training option: {closest(k)}"
                                        for k in unknown) + f" (expected one of the fields of {cls.__name__}).")
@@ -306,6 +306,13 @@ class TrainingOptions:
 #: the options :class:`custom_components.engines.trainer.DualAttentionTrainer` takes as keyword arguments (a test keeps this
 #: equal to the trainer's signature)
 TRAINER_OPTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainingOptions) if f.metadata["trainer"])
+
+
+def closest_name(name: Any, candidates: Iterable[str]) -> str | None:
+    """The name among ``candidates`` closest to ``name`` (``difflib``, similarity >= 0.6), for a "did you mean"; or
+    None. Every check of an option's name words its hint from this one choice."""
+    close = difflib.get_close_matches(str(name), sorted(candidates), n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def check_overrides(overrides: Mapping[str, Any], config_ids: Iterable[str] | None = None,
@@ -328,8 +335,8 @@ def check_overrides(overrides: Mapping[str, Any], config_ids: Iterable[str] | No
             except ValueError as e:
                 problems.append(f"{what} {e}")
         elif known is not None and base not in known:
-            close = difflib.get_close_matches(base, sorted(known), n=1, cutoff=0.6)
-            hint = f": did you mean {close[0]!r}?" if close else ""
+            close = closest_name(base, known)
+            hint = f": did you mean {close!r}?" if close else ""
             problems.append(f"{what} {key!r} is not an option of the configs{hint}")
     if problems:
         raise ValueError("; ".join(problems))

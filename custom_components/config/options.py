@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 import sys
 from typing import Any
 
-from .hyperparameters import Rule, TrainingOptions, _is_int, _is_number, as_flag
+from .hyperparameters import Rule, TrainingOptions, _is_int, _is_number, as_flag, closest_name
 
-__all__ = ["OPTION_RULES", "as_flag", "check_command_line", "running_workflow"]
+__all__ = ["OPTION_RULES", "as_flag", "check_command_line", "defined_ids", "running_workflow"]
 
 # ``as_flag`` (a switch given as command-line text) lives beside the options it reads, in
 # :mod:`custom_components.config.hyperparameters`; configs call it as ``custom_components.config.options.as_flag``.
@@ -59,7 +58,8 @@ def running_workflow() -> Any:
     return None
 
 
-def _defined_ids(config_files: Any, tracking: Any) -> set[str]:
+def defined_ids(config_files: Any, tracking: Any = None) -> set[str]:
+    """The ids the config files (and the tracking settings, if any) define at their top level, plus ``_meta_``."""
     from monai.bundle import ConfigParser
     from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
     from monai.utils import ensure_tuple
@@ -76,8 +76,8 @@ def _defined_ids(config_files: Any, tracking: Any) -> set[str]:
 
 
 def _closest(name: str, candidates: set[str]) -> str:
-    close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.6)
-    return f" (did you mean --{close[0]}?)" if close else ""
+    close = closest_name(name, candidates)
+    return f" (did you mean --{close}?)" if close else ""
 
 
 def check_command_line(rules: dict[str, tuple] | None = None) -> None:
@@ -112,7 +112,7 @@ def check_command_line(rules: dict[str, tuple] | None = None) -> None:
             from monai.bundle import ConfigParser
 
             overrides.update(ConfigParser.load_config_file(str(cli["args_file"])))
-        defined = _defined_ids(cli.get("config_file") or (), cli.get("tracking"))
+        defined = defined_ids(cli.get("config_file") or (), cli.get("tracking"))
         unknown = [k for k in overrides if k not in _RUN_ARGUMENTS and re.split(r"#|::", str(k))[0] not in defined]
         if unknown:
             raise ValueError("; ".join(f"--{k} is not an option of these configs{_closest(str(k), defined)}"
