@@ -7,6 +7,7 @@ import re
 import sys
 from typing import Any
 
+from ..utils.errors import running_call
 from .hyperparameters import Rule, TrainingOptions, _is_int, _is_number, as_flag, closest_name
 
 __all__ = ["OPTION_RULES", "as_flag", "check_command_line", "defined_ids", "running_workflow"]
@@ -33,16 +34,6 @@ OPTION_RULES: dict[str, tuple] = {
     "num_workers": Rule(lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "cache_rate": Rule(lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
 }
-
-
-def _running(function_name: str, module_name: str) -> dict | None:
-    """Locals of the innermost call of ``module_name.function_name`` on the stack, or None."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == function_name and frame.f_globals.get("__name__") == module_name:
-            return frame.f_locals
-        frame = frame.f_back
-    return None
 
 
 def running_workflow() -> Any:
@@ -98,7 +89,7 @@ def check_command_line(rules: dict[str, tuple] | None = None) -> None:
     rules = OPTION_RULES if rules is None else rules
     workflow = running_workflow()
     parser = getattr(workflow, "parser", None)
-    cli = _running("run", "monai.bundle.scripts")
+    cli = running_call("run", "monai.bundle.scripts")
     if workflow is not None and cli is not None:
         for which in ("init_id", "final_id"):
             given = getattr(workflow, which, None)

@@ -5,6 +5,10 @@ wrapped in ``RuntimeError: Failed to evaluate ConfigExpression`` with a long tra
 :func:`report_errors_plainly` (first step of the configs' ``initialize``) installs an exception hook that prints
 the innermost error raised by this package first, as one message, and the full traceback only on request
 (environment variable ``SYNTHESIS_TRACEBACK=1``). Other errors are printed as Python always does.
+
+The hook and the log-record filter are process-wide, so they are installed only by the bundle's command line
+(``python -m monai.bundle run``): a notebook, a test or a MONAI Label server that parses the configs and runs their
+``initialize`` keeps its own exception hook and log-record factory.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import sys
 import traceback
 from types import TracebackType
 
-__all__ = ["TRACEBACK_ENV", "format_project_error", "project_error", "report_errors_plainly"]
+__all__ = ["TRACEBACK_ENV", "format_project_error", "project_error", "report_errors_plainly", "running_call"]
 
 TRACEBACK_ENV = "SYNTHESIS_TRACEBACK"
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # custom_components/, above utils/
@@ -83,9 +87,25 @@ def _without_project_tracebacks(factory):
     return make
 
 
-def report_errors_plainly() -> None:
-    """Install the exception hook and the log-record filter for this process (idempotent)."""
+def running_call(function_name: str, module_name: str) -> dict | None:
+    """The locals of the innermost call of ``module_name.function_name`` on the caller's stack, or None (e.g.
+    ``running_call("run", "monai.bundle.scripts")``: whether the caller runs under the bundle's command line)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == function_name and frame.f_globals.get("__name__") == module_name:
+            return frame.f_locals
+        frame = frame.f_back
+    return None
+
+
+def report_errors_plainly(force: bool = False) -> bool:
+    """Install the exception hook and the log-record filter for this process (idempotent), when it runs the bundle's
+    command line (``monai.bundle.scripts.run`` on the stack) or with ``force``; return whether they are installed.
+    Elsewhere (a notebook, a MONAI Label server parsing the configs) nothing process-wide is changed."""
+    if not force and running_call("run", "monai.bundle.scripts") is None:
+        return False
     sys.excepthook = _hook
     factory = logging.getLogRecordFactory()
     if not getattr(factory, "_plain_errors", False):
         logging.setLogRecordFactory(_without_project_tracebacks(factory))
+    return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 
@@ -18,10 +19,11 @@ def _raise_project_error():
 @pytest.fixture
 def plain_logging(monkeypatch):
     monkeypatch.delenv(errors.TRACEBACK_ENV, raising=False)
-    factory = logging.getLogRecordFactory()
-    errors.report_errors_plainly()
+    factory, hook = logging.getLogRecordFactory(), sys.excepthook
+    assert errors.report_errors_plainly(force=True)
     yield
     logging.setLogRecordFactory(factory)
+    sys.excepthook = hook
 
 
 def _records_for(exc, caplog, name="test_errors"):
@@ -57,8 +59,16 @@ def test_traceback_on_request(plain_logging, caplog, monkeypatch):
 
 def test_installing_twice_wraps_the_factory_once(plain_logging):
     once = logging.getLogRecordFactory()
-    errors.report_errors_plainly()
+    errors.report_errors_plainly(force=True)
     assert logging.getLogRecordFactory() is once
+
+
+def test_outside_the_bundle_command_line_nothing_process_wide_changes():
+    """Issue 20: a notebook or a MONAI Label server running a config's initialize keeps its own exception hook and
+    log-record factory; only ``python -m monai.bundle run`` (or ``force``) installs the plain reports."""
+    factory, hook = logging.getLogRecordFactory(), sys.excepthook
+    assert errors.report_errors_plainly() is False
+    assert logging.getLogRecordFactory() is factory and sys.excepthook is hook
 
 
 def test_project_errors_are_reported_plainly_first():
