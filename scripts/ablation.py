@@ -39,7 +39,7 @@ TABLE_METRICS = ("psnr_volume", "ssim_volume", "mae_volume", "psnr_foreground", 
                  "qa_confidence_tumour", "qa_confidence_outside")
 RUN_LEVEL_METRICS = ("psnr_volume", "psnr_foreground", "psnr_tumour", "ssim_volume", "mae_tumour")
 #: the evaluations of every run: the selected weights (``model.pt``, best validation) and the final ones
-WEIGHTS = {"eval": {}, "eval_final": {"model_file": "model_final.pt", "local_d_file": "local_discriminator_final.pt",
+WEIGHTS = {"eval": {}, "eval_final": {"model_file": "model_final.pt", "local_discriminator_file": "local_discriminator_final.pt",
                                       "error_head_file": "error_head_final.pt"}}
 
 

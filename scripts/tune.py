@@ -41,7 +41,7 @@ SEARCH_SPACE: dict[str, list] = {
     "attention_start": [0.1, 0.3],  # fraction of the run (the fine-tuning protocol starts adversarial at 0)
     "lambda_adv_local": [0.01, 0.05, 0.2],
     "local_stem_stride": [2, 1],  # 1: a full-resolution D2 with a smaller receptive field
-    "lr_d2": [0.0002, 0.001],
+    "lr_local_discriminator": [0.0002, 0.001],
     "local_ema": [0.0, 0.99],  # F's map M from an exponential moving average of D2's weights
 }
 
@@ -93,7 +93,10 @@ def trial_name(params: dict) -> str:
     """A short, stable folder name for a configuration (finished runs are reused by name)."""
     import hashlib
 
-    named = {k: v for k, v in params.items() if not (k in ADDED_LATER and v == ADDED_LATER[k])}
+    from custom_components.config.hyperparameters import RENAMED
+
+    old_name = {new: old for old, new in RENAMED.items()}  # folders keep the names the runs were made under
+    named = {old_name.get(k, k): v for k, v in params.items() if not (k in ADDED_LATER and v == ADDED_LATER[k])}
     return "trial_" + hashlib.sha1(repr(sorted(named.items())).encode()).hexdigest()[:10]
 
 
@@ -139,6 +142,8 @@ def main(output_dir: str = "tune", n_trials: int = 6, epochs: int = 60, seed: in
     import optuna
     from ablation import run_arm
 
+    from custom_components.config.hyperparameters import RENAMED
+
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     common = {"epochs": epochs, "dataset_dir": str(Path(dataset_dir).resolve()) if dataset_dir else str(out / "data"),
@@ -159,7 +164,8 @@ def main(output_dir: str = "tune", n_trials: int = 6, epochs: int = 60, seed: in
                                 sampler=optuna.samplers.TPESampler(seed=seed))
     queued = list(enqueue or [])
     if reuse_finished:
-        queued += [json.loads(f.read_text()) for f in sorted(out.glob("trial_*/params.json"))]
+        queued += [{RENAMED.get(k, k): v for k, v in json.loads(f.read_text()).items()}  # runs before a rename
+                   for f in sorted(out.glob("trial_*/params.json"))]
     for params in queued:
         unknown = set(params) - set(SEARCH_SPACE)
         if unknown:

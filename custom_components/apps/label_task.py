@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 NETWORK_IDS = ("network_def", "unwrapped_network", "network", "local_discriminator", "error_predictor",
                "confidence_network")
 #: config ids of the weight files (a change of one of them reloads the networks)
-WEIGHT_IDS = ("model_path", "local_d_path", "error_head_path")
+WEIGHT_IDS = ("model_path", "local_discriminator_path", "error_head_path")
 OUTPUTS = ("synthetic", "confidence")
 
 
@@ -264,7 +264,7 @@ class SynthesisTask(_InferTaskBase):  # type: ignore[misc, valid-type]
         error_head = files.get("error_head_path")
         if error_head and os.path.isfile(error_head):
             return error_head
-        return files.get("local_d_path")
+        return files.get("local_discriminator_path")
 
     def get_path(self, validate: bool = True) -> str | None:
         """MONAI Label's model file of this task (``GET /model/<name>``): ``None`` when ``validate`` and it is

@@ -29,7 +29,7 @@ from ..losses.synthesis import AttentionNorm, AttentionSource
 
 __all__ = [
     "PRECISIONS", "FreshBatches", "LocalTarget", "Rule", "TRAINER_OPTIONS", "TrainingOptions", "Variant", "as_flag",
-    "check_overrides", "closest_name", "normalised_options",
+    "RENAMED", "check_overrides", "closest_name", "normalised_options",
 ]
 
 
@@ -224,12 +224,12 @@ class TrainingOptions:
     error_weight: float = _option(4.0, _NON_NEGATIVE)
     error_interval: int = _option(5, _POSITIVE_INT)
     lr_g: float = _option(0.001, _POSITIVE_NUMBER)
-    lr_d1: float = _option(0.0002, _POSITIVE_NUMBER)
-    lr_d2: float = _option(0.0002, _POSITIVE_NUMBER)
+    lr_global_critic: float = _option(0.0002, _POSITIVE_NUMBER)
+    lr_local_discriminator: float = _option(0.0002, _POSITIVE_NUMBER)
     lr_error_head: float = _option(0.002, _POSITIVE_NUMBER)
     betas_g: tuple = _option((0.5, 0.999), _BETAS)
-    betas_d1: tuple = _option((0.5, 0.999), _BETAS)
-    betas_d2: tuple = _option((0.5, 0.999), _BETAS)
+    betas_global_critic: tuple = _option((0.5, 0.999), _BETAS)
+    betas_local_discriminator: tuple = _option((0.5, 0.999), _BETAS)
     lr_schedule: str = _option("cosine")  # checked by custom_components.engines.schedules.IterationLrSchedule
     adversarial_start: float = _option(0.8)  # both checked by custom_components.engines.schedules.PhaseSchedule
     attention_start: float = _option(0.82)
@@ -308,9 +308,23 @@ class TrainingOptions:
 TRAINER_OPTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainingOptions) if f.metadata["trainer"])
 
 
+#: config ids renamed in version 0.4.0, so that each concept has one name (D1 is the global critic, D2 the local
+#: discriminator): old -> new. A run recorded under the old names resumes (:func:`normalised_options`), and a check
+#: of a name suggests the new one (:func:`closest_name`).
+RENAMED: dict[str, str] = {
+    "lr_d1": "lr_global_critic", "lr_d2": "lr_local_discriminator", "betas_d1": "betas_global_critic",
+    "betas_d2": "betas_local_discriminator", "optimizer_d1": "global_critic_optimizer",
+    "optimizer_d2": "local_discriminator_optimizer", "local_d_file": "local_discriminator_file",
+    "local_d_path": "local_discriminator_path",
+}
+
+
 def closest_name(name: Any, candidates: Iterable[str]) -> str | None:
-    """The name among ``candidates`` closest to ``name`` (``difflib``, similarity >= 0.6), for a "did you mean"; or
-    None. Every check of an option's name words its hint from this one choice."""
+    """The name among ``candidates`` closest to ``name`` (``difflib``, similarity >= 0.6), for a "did you mean"; the
+    new name of a renamed id (:data:`RENAMED`) first; or None. Every check of an option's name words its hint from
+    this one choice."""
+    if str(name) in RENAMED and RENAMED[str(name)] in set(candidates):
+        return RENAMED[str(name)]
     close = difflib.get_close_matches(str(name), sorted(candidates), n=1, cutoff=0.6)
     return close[0] if close else None
 
@@ -349,6 +363,7 @@ def normalised_options(options: Mapping[str, Any]) -> dict[str, Any]:
     equal; other keys, and a value its option's rule refuses, are kept as given (for a record and its comparison)."""
     names, out = set(TrainingOptions.names()), {}
     for key, value in options.items():
+        key = RENAMED.get(key, key)  # a record written before the rename
         if key in names:
             try:
                 value = TrainingOptions.check(key, value)

@@ -24,7 +24,7 @@ _RUN_ARGUMENTS = {"workflow_type", "workflow_name", "properties_path", "config_f
 #: training options whose values are checked on the command line, before any work (their rules are those of
 #: :class:`custom_components.config.hyperparameters.TrainingOptions`, the one place a training option's range is written)
 _TRAINING_OPTIONS_CHECKED = ("epochs", "batch_size", "samples_per_volume", "val_interval", "gp_interval",
-                             "error_interval", "seed", "spatial_dims", "lr_g", "lr_d1", "lr_d2", "lr_error_head",
+                             "error_interval", "seed", "spatial_dims", "lr_g", "lr_global_critic", "lr_local_discriminator", "lr_error_head",
                              "tumour_weight", "error_weight")
 #: what each checked option must be: (test, expected); checked wherever the running config defines the id
 OPTION_RULES: dict[str, tuple] = {

@@ -58,10 +58,10 @@ class DualAttentionKeys(StrEnum):
     RECON = "loss_recon"  # L_AttG (Eq. 6), or plain L1/L2 (Eq. 1) without attention
     ADV_GLOBAL = "loss_adv_global"  # L_ADV1, Eq. 3
     ADV_LOCAL = "loss_adv_local"  # L_ADV2, Eq. 5
-    CRITIC = "loss_critic"  # L_D1, Eq. 2 (incl. the penalty)
+    GLOBAL_CRITIC = "loss_global_critic"  # L_D1, Eq. 2 (incl. the penalty)
     GP = "gradient_penalty"  # the penalty term of Eq. 2 (incl. lambda)
     WASSERSTEIN = "wasserstein"  # E[D1(Y)] - E[D1(G(X))]
-    LOCAL_D = "loss_local_d"  # L_D2, Eq. 4
+    LOCAL_DISCRIMINATOR = "loss_local_discriminator"  # L_D2, Eq. 4
     ERROR_HEAD = "loss_error_head"  # L1 of the error-prediction head against the detached |Y - G(X)|
     CONFIDENCE_MEAN = "confidence_mean"  # mean of M over G(X)
     ATTENTION_MEAN = "attention_mean"  # mean of F actually applied (1 without attention)

@@ -107,10 +107,10 @@ class DualAttentionSteps:
             real_score, fake_score = update.scores[0], update.scores[1]
             update.loss = fake_score.mean() - real_score.mean()
             self.fire_event(DualAttentionEvents.CRITIC_LOSS_COMPLETED)
-            self.nonfinite_guard.check_loss(self, keys.CRITIC, update.loss)
+            self.nonfinite_guard.check_loss(self, keys.GLOBAL_CRITIC, update.loss)
             self._update("global_critic", critic, self.global_optimizer, update.loss)
             values = {**{term: value.item() for term, value in update.terms.items()},
-                      keys.CRITIC: update.loss.item(), keys.WASSERSTEIN: (real_score.mean() - fake_score.mean()).item()}
+                      keys.GLOBAL_CRITIC: update.loss.item(), keys.WASSERSTEIN: (real_score.mean() - fake_score.mean()).item()}
             out.update(values)
             self._completed(DualAttentionEvents.CRITIC_COMPLETED, values)
             self.state.critic_update = None  # its tensors are not kept until the next update
@@ -148,9 +148,9 @@ class DualAttentionSteps:
                 F.binary_cross_entropy_with_logits(logits[1], torch.zeros_like(logits[1]))
             if mix is not None:
                 loss_local = loss_local + F.binary_cross_entropy_with_logits(logits[2], mix.float())
-            self.nonfinite_guard.check_loss(self, DualAttentionKeys.LOCAL_D, loss_local)
+            self.nonfinite_guard.check_loss(self, DualAttentionKeys.LOCAL_DISCRIMINATOR, loss_local)
             self._update("local_discriminator", local_d, self.local_optimizer, loss_local)
-            out = {DualAttentionKeys.LOCAL_D: loss_local.item()}
+            out = {DualAttentionKeys.LOCAL_DISCRIMINATOR: loss_local.item()}
             self._completed(DualAttentionEvents.LOCAL_DISCRIMINATOR_COMPLETED, out)
         if self.local_discriminator_ema is not None:
             self.local_discriminator_ema.update_parameters(_unwrap(local_d))

@@ -147,7 +147,7 @@ def test_the_options_users_set_reach_what_they_control(phantom, tmp_path):
                "ckpt_dir": str(tmp_path / "ckpt"), "device": "cpu", "spatial_dims": 2, "patch_size": [48, 32],
                "batch_size": 3, "samples_per_volume": 2, "epochs": 7, "val_interval": 2, "variant": "dual_attention",
                "beta": 1.5, "p": 2, "lambda_gp": 7.0, "lambda_adv_global": 0.003, "lambda_adv_local": 0.07,
-               "n_critic": 2, "lr_g": 3e-4, "lr_d1": 4e-4, "lr_d2": 5e-4, "seed": 9, "cache_rate": 0.0,
+               "n_critic": 2, "lr_g": 3e-4, "lr_global_critic": 4e-4, "lr_local_discriminator": 5e-4, "seed": 9, "cache_rate": 0.0,
                "generator_channels": [8, 16, 32, 64]}
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.json"))

@@ -15,10 +15,10 @@ mlflow = pytest.importorskip("mlflow", reason="MLflow is an optional extra: pip 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 EPOCHS, ITERATIONS_PER_EPOCH = 2, 2  # 2 training subjects, batch_size 1
-LOSS_TERMS = ["loss", "loss_recon", "loss_adv_global", "loss_adv_local", "loss_critic", "gradient_penalty",
-              "wasserstein", "loss_local_d", "confidence_mean", "attention_mean"]
+LOSS_TERMS = ["loss", "loss_recon", "loss_adv_global", "loss_adv_local", "loss_global_critic", "gradient_penalty",
+              "wasserstein", "loss_local_discriminator", "confidence_mean", "attention_mean"]
 PARAMS = {"variant": "dual_attention", "beta": "2.0", "p": "1", "lambda_adv_local": "0.05", "n_critic": "1",
-          "lr_g": "0.001", "lr_d1": "0.0002", "lr_d2": "0.0002", "lambda_adv_global": "0.001", "seed": "0"}
+          "lr_g": "0.001", "lr_global_critic": "0.0002", "lr_local_discriminator": "0.0002", "lambda_adv_global": "0.001", "seed": "0"}
 
 
 

@@ -56,4 +56,4 @@ def test_paper_overlay_trains_one_epoch(phantom, tmp_path):
     trainer.run()
     out = trainer.state.output
     assert trainer.state.iteration == 2 and trainer.critic_steps == 2 * 5
-    assert math.isfinite(out["loss_critic"]) and math.isfinite(out["loss"])
+    assert math.isfinite(out["loss_global_critic"]) and math.isfinite(out["loss"])

@@ -114,7 +114,7 @@ def test_the_default_schedule_trains_the_discriminators_of_a_two_subject_set(pha
     assert "the run has 10 epochs x 1 iterations = 10 iterations" in log
     assert "discriminators: from iteration 9 (epoch 9)" in log and "attention: from iteration 9 (epoch 9)" in log
     assert "model selection: validations from epoch 9" in log
-    assert "loss_local_d" in log and "loss_critic" in log  # the discriminators really trained
+    assert "loss_local_discriminator" in log and "loss_global_critic" in log  # the discriminators really trained
     assert "Epoch[8] Metrics" not in log and "Epoch[9] Metrics" in log  # no candidate from the plain-L1 phase
     models = tmp_path / "runs" / "dual_attention" / "models"
     assert {"model.pt", "model_final.pt", "local_discriminator.pt", "local_discriminator_final.pt", "error_head.pt",

@@ -159,6 +159,17 @@ def test_resume_with_the_same_options_written_another_way_is_not_a_change(tmp_pa
         record_run(tmp_path, dict(again, local_conditional="true"), resume=True, epochs=6)
 
 
+def test_a_run_recorded_under_the_names_before_the_rename_resumes(tmp_path):
+    """0.4.0 renamed lr_d2 and betas_d1 (one name per network): a checkpointed run recorded under the old names is
+    not refused for options it did not change."""
+    record_run(tmp_path, {"lr_d2": 0.0002, "betas_d1": [0.5, 0.999], "epochs": 4})
+    _trainer_ckpt(tmp_path / "checkpoint_epoch=2.pt", 4, 2)
+    now = {"lr_local_discriminator": 0.0002, "betas_global_critic": [0.5, 0.999], "epochs": 4}
+    assert record_run(tmp_path, now, resume=True, epochs=6) == []
+    with pytest.raises(ResumeError, match="lr_local_discriminator: 0.0002 in the checkpointed run, 0.001 now"):
+        record_run(tmp_path, dict(now, lr_local_discriminator=0.001), resume=True, epochs=6)
+
+
 def test_apply_changes_sets_the_new_learning_rate_on_the_restored_optimizer(tmp_path):
     net = torch.nn.Linear(2, 1)
     engine = Engine(lambda e, b: None)
@@ -188,7 +199,7 @@ def _change_bytes_inside(path, record_suffix="data/0"):
 
 
 def test_a_checkpoint_whose_bytes_changed_is_ignored_and_the_previous_one_resumed(tmp_path, caplog):
-    """Issue 17, item 13: a checkpoint with random bytes in the middle loaded without complaint (loss_critic nan)."""
+    """Issue 17, item 13: a checkpoint with random bytes in the middle loaded without complaint (loss_global_critic nan)."""
     import logging
 
     from custom_components.handlers.checkpointing import checkpoint_iterations, verify_checksums

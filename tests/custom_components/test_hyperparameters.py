@@ -18,7 +18,7 @@ from monai.networks.nets import UNet
 
 from custom_components import DualAttentionTrainer, TrainingOptions, Variant, validate_hyperparameters
 from custom_components.utils.errors import project_error
-from custom_components.config.hyperparameters import TRAINER_OPTIONS, FreshBatches, LocalTarget
+from custom_components.config.hyperparameters import TRAINER_OPTIONS, FreshBatches, LocalTarget, check_overrides
 from custom_components.losses.synthesis import AttentionNorm, AttentionSource
 from custom_components.config.options import OPTION_RULES
 
@@ -40,8 +40,8 @@ BAD_VALUES: dict[str, list] = {
     "epochs": [0, "ten", 2.5], "val_interval": [0, None], "seed": ["zero", 1.5, None], "spatial_dims": [1, 4, "2", 2.0],
     "patch_size": [96, [], [96, 0], [96.0, 96], "[96, 96]"], "batch_size": [0, "2"], "samples_per_volume": [0, 1.5],
     "tumour_weight": [-1, "0"], "hard_sampling": ["maybe"], "error_weight": [-4.0], "error_interval": [0],
-    "lr_g": [0, -1e-3, "1e-3"], "lr_d1": [0.0], "lr_d2": [-1], "lr_error_head": [None],
-    "betas_g": [[0.5], [0.5, 1.0], [-0.1, 0.9], "0.5,0.999"], "betas_d1": [[0.5, 0.999, 0.1]], "betas_d2": [None],
+    "lr_g": [0, -1e-3, "1e-3"], "lr_global_critic": [0.0], "lr_local_discriminator": [-1], "lr_error_head": [None],
+    "betas_g": [[0.5], [0.5, 1.0], [-0.1, 0.9], "0.5,0.999"], "betas_global_critic": [[0.5, 0.999, 0.1]], "betas_local_discriminator": [None],
     "select_after_warmup": ["later"], "generator_channels": [[16, 0], 16], "local_channels": [[]],
     "local_stem_stride": [0], "error_head": ["sometimes"], "error_head_channels": [[16.0]],
     "error_head_stem_stride": [0], "metric_range": [0, -1.0],
@@ -222,3 +222,14 @@ def test_the_options_module_stands_on_the_ground_floor():
     assert package == {"..losses.synthesis"}
     assert not {m for m in imported - package if not re.match(r"^(__future__|dataclasses|difflib|math|re|collections"
                                                               r"\.abc|typing|monai\.utils)$", m)}
+
+
+def test_a_name_from_before_the_rename_is_refused_naming_the_new_one():
+    """0.4.0 renamed the networks' options (lr_d1 -> lr_global_critic, ...); the old name is not taken silently and
+    the message names its successor, which difflib alone would not find (the names are too different)."""
+    with pytest.raises(ValueError, match=r"'lr_d1' \(value 0.001\) is not a training option: did you mean "
+                                         r"'lr_global_critic'\?"):
+        TrainingOptions.from_mapping({"lr_d1": 0.001})
+    with pytest.raises(ValueError, match=r"'local_d_file' is not an option of the configs: did you mean "
+                                         r"'local_discriminator_file'\?"):
+        check_overrides({"local_d_file": "d2.pt"}, {"local_discriminator_file", "epochs"})

@@ -63,9 +63,9 @@ def _changed(net, before):
 
 EXPECTED_TERMS = {
     "unet": set(),
-    "global": {"loss_critic", "gradient_penalty", "wasserstein", "loss_adv_global"},
-    "local": {"loss_local_d", "loss_adv_local", "confidence_mean"},
-    "dual": {"loss_critic", "gradient_penalty", "wasserstein", "loss_adv_global", "loss_local_d", "loss_adv_local",
+    "global": {"loss_global_critic", "gradient_penalty", "wasserstein", "loss_adv_global"},
+    "local": {"loss_local_discriminator", "loss_adv_local", "confidence_mean"},
+    "dual": {"loss_global_critic", "gradient_penalty", "wasserstein", "loss_adv_global", "loss_local_discriminator", "loss_adv_local",
              "confidence_mean"},
 }
 EXPECTED_TERMS["dual_attention"] = EXPECTED_TERMS["dual"]
@@ -219,7 +219,7 @@ def test_non_finite_loss_stops_before_updating_and_names_the_term():
     trainer.state.max_epochs = 2
     trainer.data_loader = bad
     trainer.set_data(bad)
-    with pytest.raises(FloatingPointError, match=r"iteration 3 .*'loss_critic' is nan"):
+    with pytest.raises(FloatingPointError, match=r"iteration 3 .*'loss_global_critic' is nan"):
         trainer.run()
     assert not any(_changed(n, b) for n, b in zip((g, d1, d2), good))
 
@@ -423,7 +423,7 @@ def test_adversarial_warmup_trains_only_the_generator_first():
     assert all(set(o) == {"loss", "loss_recon", "attention_mean"} for o in outputs[:2])
     assert not trainer.attention_active(3) and trainer.attention_active(4)  # attention warm-up counts after it
     assert _changed(d1, before["d1"]) and _changed(d2, before["d2"])
-    assert "loss_local_d" in outputs[-1] and "loss_critic" in outputs[-1]
+    assert "loss_local_discriminator" in outputs[-1] and "loss_global_critic" in outputs[-1]
     assert outputs[-1]["attention_mean"] != 1.0
 
 
@@ -646,8 +646,8 @@ def test_each_update_fires_its_event_with_its_values_on_the_state():
     trainer.add_event_handler(DualAttentionEvents.CRITIC_COMPLETED, lambda e: critic_steps.append(e.state.critic_steps))
     trainer.add_event_handler(DualAttentionEvents.CRITIC_COMPLETED(every=2),
                               lambda e: values.setdefault("every_2nd", []).append(e.state.critic_steps))
-    for event, key in ((DualAttentionEvents.CRITIC_COMPLETED, DualAttentionKeys.CRITIC),
-                       (DualAttentionEvents.LOCAL_DISCRIMINATOR_COMPLETED, DualAttentionKeys.LOCAL_D),
+    for event, key in ((DualAttentionEvents.CRITIC_COMPLETED, DualAttentionKeys.GLOBAL_CRITIC),
+                       (DualAttentionEvents.LOCAL_DISCRIMINATOR_COMPLETED, DualAttentionKeys.LOCAL_DISCRIMINATOR),
                        (DualAttentionEvents.ERROR_HEAD_COMPLETED, DualAttentionKeys.ERROR_HEAD),
                        (DualAttentionEvents.GENERATOR_COMPLETED, DualAttentionKeys.LOSS)):
         trainer.add_event_handler(event, lambda e, k=key: values.__setitem__(k, e.state.step_output[k]))
@@ -659,7 +659,7 @@ def test_each_update_fires_its_event_with_its_values_on_the_state():
     assert critic_steps == list(range(1, 10)) and values["every_2nd"] == [2, 4, 6, 8]  # filters count critic updates
     out = trainer.state.output
     keys = DualAttentionKeys
-    for key in (keys.CRITIC, keys.LOCAL_D, keys.ERROR_HEAD, keys.LOSS):
+    for key in (keys.GLOBAL_CRITIC, keys.LOCAL_DISCRIMINATOR, keys.ERROR_HEAD, keys.LOSS):
         assert isinstance(values[key], float) and values[key] == out[key]  # the last update's values are reported
 
 
@@ -696,7 +696,7 @@ def test_the_penalty_handler_is_attached_and_adds_eq2s_penalty_in_the_critics_ow
         with torch.no_grad():
             for p in reference.parameters():
                 p -= 0.05 * p.grad
-        assert out[DualAttentionKeys.CRITIC] == pytest.approx(loss.item(), rel=1e-5)
+        assert out[DualAttentionKeys.GLOBAL_CRITIC] == pytest.approx(loss.item(), rel=1e-5)
         assert (DualAttentionKeys.GP in out) == due
         for a, b in zip(d1.parameters(), reference.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -710,4 +710,4 @@ def test_without_its_handler_the_critic_trains_on_the_wasserstein_term_alone():
     source, target = _fixed_batch()
     out = trainer.critic_step(source, target, g(source).detach())
     assert DualAttentionKeys.GP not in out
-    assert out[DualAttentionKeys.CRITIC] == pytest.approx(-out[DualAttentionKeys.WASSERSTEIN], rel=1e-6)
+    assert out[DualAttentionKeys.GLOBAL_CRITIC] == pytest.approx(-out[DualAttentionKeys.WASSERSTEIN], rel=1e-6)

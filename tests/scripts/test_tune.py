@@ -51,3 +51,30 @@ def test_every_choice_of_the_search_space_is_checked_before_any_run(monkeypatch)
         tune.check_space({**tune.SEARCH_SPACE, "attention_floor": [0.0, 1.5]}, {})
     with pytest.raises(ValueError, match=r"not training options"):
         tune.check_space({"num_workers": [0, 1]}, {})
+
+
+def test_the_renamed_option_keeps_the_folder_names_of_the_finished_study():
+    """lr_d2 became lr_local_discriminator (0.4.0); the study's folders (bundle/docs/tuning_trials.csv) keep their
+    names, so its finished runs are still reused."""
+    import csv
+
+    from custom_components.config.hyperparameters import RENAMED
+
+    rows = [r for r in csv.DictReader(open(ROOT / "bundle" / "docs" / "tuning_trials.csv")) if r["number"].isdigit()]
+    assert rows
+    for row in rows:
+        params = {RENAMED.get(k, k): _typed(row[k]) for k in row if RENAMED.get(k, k) in tune.SEARCH_SPACE}
+        assert set(params) == set(tune.SEARCH_SPACE)
+        assert tune.trial_name(params) == Path(row["run_dir"]).parent.name
+
+
+def _typed(text):
+    """A CSV cell as the search space holds it (bool, int, float or text)."""
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
