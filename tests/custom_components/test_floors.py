@@ -72,3 +72,11 @@ def test_the_floor_check_sees_an_upward_and_a_lazy_import(tmp_path):
     finally:
         fake.unlink()
     assert found == [("apps", 1, False), ("data", 5, True)]
+
+
+SCRIPTS = sorted((PACKAGE.parent / "scripts").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_no_script_is_over_400_lines(path):
+    assert len(path.read_text().splitlines()) <= MAX_LINES

@@ -14,15 +14,16 @@ from custom_components import all_variants
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 import ablation  # noqa: E402
+import ablation_tables  # noqa: E402
 
 
 def _write(path: Path, values: dict[str, float]):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["subject"] + list(ablation.TABLE_METRICS))
+        w.writerow(["subject"] + list(ablation_tables.TABLE_METRICS))
         for sub, v in values.items():
-            w.writerow([sub] + [v] * len(ablation.TABLE_METRICS))
+            w.writerow([sub] + [v] * len(ablation_tables.TABLE_METRICS))
 
 
 def test_aggregate_statistics_by_hand(tmp_path):
@@ -33,7 +34,7 @@ def test_aggregate_statistics_by_hand(tmp_path):
     for seed in (0, 1):
         _write(tmp_path / "ref" / f"seed_{seed}" / "eval" / "metrics.csv", ref[seed])
         _write(tmp_path / "other" / f"seed_{seed}" / "eval" / "metrics.csv", other[seed])
-    md, rows = ablation.aggregate(tmp_path, ["other", "ref"], [0, 1], "ref")
+    md, rows = ablation_tables.aggregate(tmp_path, ["other", "ref"], [0, 1], "ref")
     avg_ref = np.array([(ref[0][s] + ref[1][s]) / 2 for s in subjects])
     row = rows[0]
     assert row["arm"] == "other" and row["n_subjects"] == 8 and row["n_seeds"] == 2
@@ -92,7 +93,7 @@ def test_run_level_statistics_use_seeds_as_the_unit():
                   2: {"a": 10.5, "b": 11.0, "c": 12.0}})
     shifts = {0: 0.5, 1: 1.0, 2: -0.2}
     arm = {s: {k: {"psnr_tumour": v["psnr_tumour"] + shifts[s]} for k, v in subs.items()} for s, subs in base.items()}
-    st = ablation.paired_run_statistics(arm, base, "psnr_tumour", n_boot=2000)
+    st = ablation_tables.paired_run_statistics(arm, base, "psnr_tumour", n_boot=2000)
     assert st["n_seeds"] == 3
     assert st["seed_diffs"] == pytest.approx([0.5, 1.0, -0.2])
     d = np.array([0.5, 1.0, -0.2])
@@ -110,7 +111,7 @@ def test_run_level_statistics_use_seeds_as_the_unit():
 def test_run_level_statistics_skip_missing_seeds_and_subjects():
     base = _runs({0: {"a": 1.0, "b": 2.0}, 1: {"a": 1.0}})
     arm = _runs({0: {"a": 2.0, "c": 5.0}, 2: {"a": 9.0}})
-    st = ablation.paired_run_statistics(arm, base, "psnr_tumour", n_boot=100)
+    st = ablation_tables.paired_run_statistics(arm, base, "psnr_tumour", n_boot=100)
     assert st["n_seeds"] == 1 and st["seed_diffs"] == [1.0]
     assert np.isnan(st["t_p"])
 
@@ -121,11 +122,11 @@ def test_curves_are_read_from_the_training_log(tmp_path):
     log.write_text("2026 - INFO - Epoch[5] Metrics -- val_mae: 0.1 val_psnr: 12.5 val_psnr_tumour: 3.25e-01\n"
                    "noise line\n2026 - INFO - Epoch[10] Metrics -- val_mae: 0.05 val_psnr: 15.0 val_psnr_tumour: nan\n"
                    "[ablation] evaluating\n2026 - INFO - Epoch[1] Metrics -- val_mae: 0.2 val_psnr: 11.0\n")
-    curve = ablation.read_curve(log)
+    curve = ablation_tables.read_curve(log)
     assert curve[5] == {"val_mae": 0.1, "val_psnr": 12.5, "val_psnr_tumour": 0.325}
     assert curve[10]["val_psnr"] == 15.0 and np.isnan(curve[10]["val_psnr_tumour"])
     assert sorted(curve) == [5, 10]  # the appended test-set evaluation (Epoch[1]) is not a validation point
-    rows = ablation.curves_table(tmp_path, ["unet"], [0, 1])
+    rows = ablation_tables.curves_table(tmp_path, ["unet"], [0, 1])
     assert [(r["epoch"], r["val_psnr"], r["n_seeds"]) for r in rows] == [(5, 12.5, 1), (10, 15.0, 1)]
 
 

@@ -56,7 +56,7 @@ def test_benchmark_reports_every_measure(tmp_path):
     assert inf["inferer"] == "WholeSliceInferer" and inf["volume_shape"] == [48, 48, 32]
     assert all(inf[k] > 0 for k in ("overhead_ratio", "window_inferer_s", "confidence_ratio"))
     # the tiny D2 (8-8-16-16) is neither reported layout, so both are timed through their own inferer
-    assert set(inf["confidence_layouts"]) == set(_bench().D2_LAYOUTS)
+    assert set(inf["confidence_layouts"]) == set(_bench("benchmark_data").D2_LAYOUTS)
     assert all(c["confidence_ratio"] > 0 for c in inf["confidence_layouts"].values())
     # design levers are timed on the earlier layout, speed-only ones on the shipped configuration
     levers = {lv["lever"]: lv for lv in res["levers"]}
@@ -72,13 +72,13 @@ def test_benchmark_reports_every_measure(tmp_path):
     assert "x unet" in proc.stdout and "confidence map" in proc.stdout and "time to 3 dB" in proc.stdout
 
 
-def _bench():
-    import importlib.util
+def _bench(name: str = "benchmark"):
+    """The benchmark's script module ``name`` (``benchmark``, ``benchmark_steps``, ``benchmark_data``)."""
+    import importlib
 
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
+    return importlib.import_module(name)
 
 
 def test_time_steps_averages_the_steps_after_the_warmup(monkeypatch):
@@ -87,7 +87,7 @@ def test_time_steps_averages_the_steps_after_the_warmup(monkeypatch):
 
     from ignite.engine import Engine
 
-    bench = _bench()
+    bench = _bench("benchmark_steps")
     clock = iter([0.0, 1.0, 3.0, 6.0, 10.0])  # start, then the end of each of 4 iterations: steps of 1, 2, 3, 4 s
     monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     engine = Engine(lambda e, b: None)
@@ -99,7 +99,7 @@ def test_time_steps_averages_the_steps_after_the_warmup(monkeypatch):
 def test_step_rows_report_their_config_and_ratios_of_their_own_step_times(monkeypatch):
     """Each row carries the generator, patch and batch it was timed with, and its ratio is its step time over the
     unet row's, whatever the order of the variants."""
-    bench = _bench()
+    bench = _bench("benchmark_steps")
     times = {"global": 0.3, "unet": 0.2, "dual_attention": 0.5}
     monkeypatch.setattr(bench, "_timed_row", lambda ov, variant, batches, warmup: times[variant])
     overrides = {**TINY_OVERRIDES, **bench.WIDTHS["usual"]}
@@ -127,7 +127,7 @@ SUB_STEPS = {
 
 @pytest.mark.parametrize("variant", list(SUB_STEPS))
 def test_timed_trainer_runs_the_sub_steps_of_its_variant(variant):
-    bench = _bench()
+    bench = _bench("benchmark_steps")
     overrides = {k: v for k, v in TINY_OVERRIDES.items() if k not in ("adversarial_warmup", "attention_warmup")}
     batch = bench._synthetic_batch(overrides, 1)
     trainer = bench._config_trainer(overrides, variant, [batch])
@@ -142,7 +142,7 @@ def test_timed_trainer_runs_the_sub_steps_of_its_variant(variant):
 
 def test_memory_row_arithmetic(monkeypatch):
     """Memory per patch is the growth from batch B to 2B; the largest batch fills the budget."""
-    bench = _bench()
+    bench = _bench("benchmark_steps")
 
     class Done:
         returncode, stderr = 0, ""
@@ -162,8 +162,8 @@ def test_memory_probe_reports_its_own_peak_not_its_parents():
     held = np.ones(2 * 2**30 // 8)  # 2 GiB, touched
     code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('b', sys.argv[1]); "
             "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b); print(b._peak_mb())")
-    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "scripts" / "benchmark.py")], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "scripts" / "benchmark_steps.py")],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     child_mb = float(proc.stdout.split()[-1])
     assert held.sum() > 0 and 0 < child_mb < 1500, child_mb
@@ -172,7 +172,7 @@ def test_memory_probe_reports_its_own_peak_not_its_parents():
 def test_cache_memory_is_the_resident_growth_per_subject_in_ram_projected(monkeypatch):
     """MB per cached subject: the resident set's growth while the training set is built, over the subjects in RAM
     (not those on disk); the projection multiplies it by the paper's and BraTS 2021's training subjects."""
-    bench = _bench()
+    bench = _bench("benchmark_data")
 
     class Done:
         returncode, stderr = 0, ""
@@ -188,7 +188,7 @@ def test_cache_memory_is_the_resident_growth_per_subject_in_ram_projected(monkey
 def test_cache_probe_measures_the_built_training_set(tmp_path, capsys):
     """The probe builds the config's train#dataset (all in RAM by default) and reports its resident growth."""
     ensure_phantom(tmp_path / "ph", task="t1t2", n_train=2, n_val=1, n_test=0, shape=(48, 48, 32), seed=0)
-    bench = _bench()
+    bench = _bench("benchmark_data")
     bench._cache_probe({"overrides": {**TINY_OVERRIDES, "dataset_dir": str(tmp_path / "ph"),
                                       "cache_dir": str(tmp_path / "cache")}})
     out = json.loads(capsys.readouterr().out.split("CACHE ", 1)[1])
