@@ -28,7 +28,7 @@ from monai.utils import StrEnum, str2bool
 from ..losses.synthesis import AttentionNorm, AttentionSource
 
 __all__ = [
-    "PRECISIONS", "FreshBatches", "LocalTarget", "Rule", "TRAINER_OPTIONS", "TrainingOptions", "Variant", "as_flag",
+    "CONFIG_VALUE", "PRECISIONS", "FreshBatches", "LocalTarget", "Rule", "TRAINER_OPTIONS", "TrainingOptions", "Variant", "as_flag",
     "RENAMED", "check_overrides", "closest_name", "normalised_options",
 ]
 
@@ -141,6 +141,25 @@ def _warmup(start: str) -> Rule:
     return Rule(lambda v: v is None or (_is_int(v) and v >= 0), f"an integer >= 0 (or null: from {start})")
 
 
+class _ConfigValue:
+    """The default of an option the config consumes: the value of its top-level id in ``train.json``, written there
+    only (so no value is restated here); a ``TrainingOptions`` built without it holds this marker."""
+
+    _instance = None
+
+    def __new__(cls) -> _ConfigValue:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "<train.json's value>"
+
+
+#: the marker of an option left to train.json (see :class:`_ConfigValue`)
+CONFIG_VALUE = _ConfigValue()
+
+
 def _option(default: Any, rule: Rule | None = None, convert: Callable[[Any, str], Any] | None = None,
             trainer: bool = False) -> Any:
     """A field of :class:`TrainingOptions`: its ``default``, its ``rule`` (None: checked where it is used), how a
@@ -168,15 +187,16 @@ def _to_enum(enum: type[StrEnum]) -> Callable[[Any, str], StrEnum]:
 class TrainingOptions:
     """Every training option with its default, type and allowed range or choice, checked when the object is built.
 
-    **Defaults.** The default of each field is *the* default of that option in Python: the keyword defaults of
-    :class:`custom_components.engines.trainer.DualAttentionTrainer` are these values (its signature reads them from this
-    class). For the options of the trainer (:data:`TRAINER_OPTIONS`) the defaults are the trainer's own, mostly the
-    paper's setting (``variant="dual_attention"``, ``lambda_adv_global=0.01``, ``gp_interval=1``, no warm-up,
-    ``attention_norm="none"``, ...). The bundle's ``train.json`` keeps the options as top-level ids (the model-zoo
-    convention) and **its values override these defaults** for a bundle run (e.g. ``variant "error_weighted"``,
-    ``lambda_adv_global 0.001``, ``gp_interval 4``, ``attention_warmup``/``adversarial_warmup`` null, resolved from
-    ``attention_start``/``adversarial_start``). The other fields are options that the config itself consumes (data,
-    optimisers, networks, schedule); their defaults restate train.json's values (a test keeps them equal).
+    **Defaults.** Each option has one default, written once. For the options of the trainer (:data:`TRAINER_OPTIONS`)
+    it is the field's default here, which is the keyword default of
+    :class:`custom_components.engines.trainer.DualAttentionTrainer` (its signature reads it from this class): the
+    paper's method for a user of the Python API (``variant="dual_attention"``, ``lambda_adv_global=0.01``,
+    ``gp_interval=1``, no warm-up, ``attention_norm="none"``, ...). The bundle's ``train.json`` keeps every option as a
+    top-level id (the model-zoo convention) and sets the bundle's recipe there, which a run then uses (e.g.
+    ``variant "error_weighted"``, ``lambda_adv_global 0.001``, ``gp_interval 4``, warm-ups from the start
+    fractions). The options only the config consumes (data, optimisers, networks, schedule) have no default here:
+    their one default is train.json's value, and a field built without it holds :data:`CONFIG_VALUE` (left out of
+    :meth:`as_dict` and of the checks).
 
     **Checks.** Building the object (``TrainingOptions(...)`` or :meth:`from_mapping`) checks every field's value
     against its :class:`Rule` and raises a ``ValueError`` naming the option, the value found and what was expected;
@@ -210,42 +230,42 @@ class TrainingOptions:
     precision: str = _trainer("fp32", Rule(lambda v: v in PRECISIONS, f"one of {list(PRECISIONS)}"))
     gp_interval: int = _trainer(1, _POSITIVE_INT)
 
-    # options the config consumes (defaults: train.json's values)
-    epochs: int = _option(300, _POSITIVE_INT)
-    val_interval: int = _option(5, _POSITIVE_INT)
-    seed: int = _option(0, Rule(_is_int, "an integer"))
-    spatial_dims: int = _option(2, Rule(lambda v: _is_int(v) and v in (2, 3), "2 or 3"))
-    patch_size: tuple = _option((96, 96), _ints())
-    batch_size: int = _option(2, _POSITIVE_INT)
-    samples_per_volume: int = _option(4, _POSITIVE_INT)
-    datalist: str | None = _option(None)  # train.json: <dataset_dir>/datalist.json, checked when it is read
-    tumour_weight: float = _option(0.0, _NON_NEGATIVE)
-    hard_sampling: bool = _option(False, _FLAG, as_flag)
-    error_weight: float = _option(4.0, _NON_NEGATIVE)
-    error_interval: int = _option(5, _POSITIVE_INT)
-    lr_g: float = _option(0.001, _POSITIVE_NUMBER)
-    lr_global_critic: float = _option(0.0002, _POSITIVE_NUMBER)
-    lr_local_discriminator: float = _option(0.0002, _POSITIVE_NUMBER)
-    lr_error_head: float = _option(0.002, _POSITIVE_NUMBER)
-    betas_g: tuple = _option((0.5, 0.999), _BETAS)
-    betas_global_critic: tuple = _option((0.5, 0.999), _BETAS)
-    betas_local_discriminator: tuple = _option((0.5, 0.999), _BETAS)
-    lr_schedule: str = _option("cosine")  # checked by custom_components.engines.schedules.IterationLrSchedule
-    adversarial_start: float = _option(0.8)  # both checked by custom_components.engines.schedules.PhaseSchedule
-    attention_start: float = _option(0.82)
-    select_after_warmup: bool = _option(True, _FLAG, as_flag)
-    selection_metric: str = _option("val_psnr")  # checked by custom_components.engines.schedules.check_selection_metric
-    pretrained_generator: str | None = _option(None)
-    generator_channels: tuple = _option((16, 32, 64, 128), _ints())
-    critic_norm: Any = _option(None)  # the three checked by custom_components.networks.nets.GlobalCritic
-    critic_downsample: str = _option("stride")
-    critic_act: Any = _option(("leakyrelu", {"negative_slope": 0.2}))
-    local_channels: tuple = _option((8, 16, 32, 64), _ints())
-    local_stem_stride: int = _option(2, _POSITIVE_INT)
-    error_head: bool = _option(True, _FLAG, as_flag)
-    error_head_channels: tuple = _option((16, 32, 64, 128), _ints())
-    error_head_stem_stride: int = _option(2, _POSITIVE_INT)
-    metric_range: float = _option(1.0, _POSITIVE_NUMBER)
+    # options the config consumes: their one default is train.json's value (CONFIG_VALUE here)
+    epochs: int = _option(CONFIG_VALUE, _POSITIVE_INT)
+    val_interval: int = _option(CONFIG_VALUE, _POSITIVE_INT)
+    seed: int = _option(CONFIG_VALUE, Rule(_is_int, "an integer"))
+    spatial_dims: int = _option(CONFIG_VALUE, Rule(lambda v: _is_int(v) and v in (2, 3), "2 or 3"))
+    patch_size: tuple = _option(CONFIG_VALUE, _ints())
+    batch_size: int = _option(CONFIG_VALUE, _POSITIVE_INT)
+    samples_per_volume: int = _option(CONFIG_VALUE, _POSITIVE_INT)
+    datalist: str | None = _option(CONFIG_VALUE)  # train.json: <dataset_dir>/datalist.json, checked when it is read
+    tumour_weight: float = _option(CONFIG_VALUE, _NON_NEGATIVE)
+    hard_sampling: bool = _option(CONFIG_VALUE, _FLAG, as_flag)
+    error_weight: float = _option(CONFIG_VALUE, _NON_NEGATIVE)
+    error_interval: int = _option(CONFIG_VALUE, _POSITIVE_INT)
+    lr_g: float = _option(CONFIG_VALUE, _POSITIVE_NUMBER)
+    lr_global_critic: float = _option(CONFIG_VALUE, _POSITIVE_NUMBER)
+    lr_local_discriminator: float = _option(CONFIG_VALUE, _POSITIVE_NUMBER)
+    lr_error_head: float = _option(CONFIG_VALUE, _POSITIVE_NUMBER)
+    betas_g: tuple = _option(CONFIG_VALUE, _BETAS)
+    betas_global_critic: tuple = _option(CONFIG_VALUE, _BETAS)
+    betas_local_discriminator: tuple = _option(CONFIG_VALUE, _BETAS)
+    lr_schedule: str = _option(CONFIG_VALUE)  # checked by custom_components.engines.schedules.IterationLrSchedule
+    adversarial_start: float = _option(CONFIG_VALUE)  # both checked by custom_components.engines.schedules.PhaseSchedule
+    attention_start: float = _option(CONFIG_VALUE)
+    select_after_warmup: bool = _option(CONFIG_VALUE, _FLAG, as_flag)
+    selection_metric: str = _option(CONFIG_VALUE)  # checked by custom_components.engines.schedules.check_selection_metric
+    pretrained_generator: str | None = _option(CONFIG_VALUE)
+    generator_channels: tuple = _option(CONFIG_VALUE, _ints())
+    critic_norm: Any = _option(CONFIG_VALUE)  # the three checked by custom_components.networks.nets.GlobalCritic
+    critic_downsample: str = _option(CONFIG_VALUE)
+    critic_act: Any = _option(CONFIG_VALUE)
+    local_channels: tuple = _option(CONFIG_VALUE, _ints())
+    local_stem_stride: int = _option(CONFIG_VALUE, _POSITIVE_INT)
+    error_head: bool = _option(CONFIG_VALUE, _FLAG, as_flag)
+    error_head_channels: tuple = _option(CONFIG_VALUE, _ints())
+    error_head_stem_stride: int = _option(CONFIG_VALUE, _POSITIVE_INT)
+    metric_range: float = _option(CONFIG_VALUE, _POSITIVE_NUMBER)
 
     def __post_init__(self) -> None:
         for name in self.names():
@@ -266,6 +286,8 @@ class TrainingOptions:
         rule; a ``ValueError`` naming the option, the value and what was expected otherwise."""
         f = cls._fields()[name]
         rule, convert = f.metadata["rule"], f.metadata["convert"]
+        if value is CONFIG_VALUE:
+            return value
         if rule is not None and not rule.test(value):
             raise ValueError(f"{name} must be {rule.expected}, got {value!r}.")
         return value if convert is None else convert(value, name)
@@ -298,9 +320,11 @@ class TrainingOptions:
         return cls(**mapping)
 
     def as_dict(self) -> dict[str, Any]:
-        """The options as a plain dict (enums as their values), e.g. for a record or a tracker."""
+        """The options as a plain dict (enums as their values), e.g. for a record or a tracker; options left to
+        train.json (:data:`CONFIG_VALUE`) are left out."""
         return {name: (value.value if isinstance(value, StrEnum) else value)
-                for name, value in ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))}
+                for name, value in ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+                if value is not CONFIG_VALUE}
 
 
 #: the options :class:`custom_components.engines.trainer.DualAttentionTrainer` takes as keyword arguments (a test keeps this
