@@ -262,7 +262,7 @@ def prepare_phantom(dataset_dir: str | os.PathLike, phantom: Mapping[str, Any],
                     enabled: bool | str = True) -> str | None:
     """Generate the built-in phantom data set in ``dataset_dir`` (once, on rank 0) unless it is there already.
 
-    ``phantom`` holds the arguments of :func:`custom_components.phantom_dataset.ensure_phantom` (``task``, ``n_train``,
+    ``phantom`` holds the arguments of :func:`custom_components.apps.phantom_dataset.ensure_phantom` (``task``, ``n_train``,
     ...). Returns the datalist path, or ``None`` when not ``enabled`` (which may be command-line text: train.json's
     ``make_phantom``).
     """

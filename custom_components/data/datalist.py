@@ -124,7 +124,7 @@ def check_datalist(items: Sequence[dict], image_keys: Sequence[str] = ("source",
     """Check every subject before training; raise :class:`DatalistError` listing all problems found.
 
     Checks: the list is not empty; no subject id or image file appears twice; every ``image_keys`` entry is
-    present; every file passes :func:`custom_components.readers.screen_image` (exists, readable, one 3D volume
+    present; every file passes :func:`custom_components.data.readers.screen_image` (exists, readable, one 3D volume
     with one channel, finite values when ``check_values``); images and any ``aux_keys`` files of a subject have the
     same spatial shape and affines equal within ``atol``; a ``label`` holds class numbers (whole, >= 0, within
     ``label_values`` when given) and its tumour covers at most ``max_label_fraction`` of the ``mask``
@@ -288,7 +288,7 @@ def checked_datalist(datalist: str | os.PathLike, section: str, require: Sequenc
 
     Errors name the list as ``"<section> list of <datalist>"``. Config use::
 
-        "train_datalist": {"_target_": "custom_components.data.checked_datalist", "datalist": "@datalist",
+        "train_datalist": {"_target_": "custom_components.data.datalist.checked_datalist", "datalist": "@datalist",
                            "section": "training", "require": ["mask"], "why": "patches are sampled inside the mask"}
     """
     name = f"{section} list of {datalist}"

@@ -12,7 +12,7 @@ reads the same formats; this reader returns the array and metadata in the conven
 * ``spatial_shape``, ``spacing``, ``pixdim`` (NIfTI layout: ``[qfac, sx, sy, sz, 1, ...]``), ``space`` and
   ``original_channel_dim`` (``nan`` = "no_channel" for single-component images).
 
-Example (also as ``{"_target_": "custom_components.readers.SimpleITKReader"}`` in a config)::
+Example (also as ``{"_target_": "custom_components.data.readers.SimpleITKReader"}`` in a config)::
 
     from monai.transforms import LoadImaged
     load = LoadImaged(keys=["source", "target"], reader=SimpleITKReader(), image_only=True)
@@ -177,7 +177,7 @@ def load_imaged(keys: Any, **kwargs: Any):
 
     Every format :func:`load_image` (and so the input screening, :func:`screen_image`) reads is read by this
     transform the same way.
-    Config use: ``{"_target_": "custom_components.readers.load_imaged", "keys": "source", "image_only": true}``.
+    Config use: ``{"_target_": "custom_components.data.readers.load_imaged", "keys": "source", "image_only": true}``.
     """
     from monai.transforms import LoadImaged
 

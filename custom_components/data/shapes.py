@@ -34,7 +34,7 @@ def ras_shape(shape: Sequence[int], affine: Any = None) -> tuple[int, ...]:
 def slice_size_problem(shape: Sequence[int], inferer: Any) -> str | None:
     """Why a volume of RAS ``shape`` is too small for the networks run by ``inferer``, or ``None``.
 
-    A :class:`~custom_components.inferers.WholeSliceInferer` pads each slice to a multiple of its ``divisor`` (the
+    A :class:`~custom_components.inferers.inferer.WholeSliceInferer` pads each slice to a multiple of its ``divisor`` (the
     networks' total stride); at their deepest level the networks then see one element per ``divisor`` voxels, and
     their instance normalisation needs at least two. A slice covering a single cell (16 x 16 with divisor 16) fails
     there. Window inferers pad every window to ``roi_size`` (checked by ``check_patch_size``): no constraint here.
