@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .config.bundle_options import bundle_options
 from .config.hyperparameters import TrainingOptions, Variant, as_flag
 from .losses.synthesis import AttentionNorm, DifficultyAwareLoss, GradientPenalty, attention_weight, confidence_map
 from .networks.nets import GlobalCritic, LocalDiscriminator
@@ -28,6 +29,7 @@ __all__ = [
     "all_variants",
     "as_flag",
     "attention_weight",
+    "bundle_options",
     "confidence_condition_key",
     "confidence_map",
     "uses_global_critic",

@@ -157,15 +157,19 @@ class SubjectMetricsWriter:
         output_dir: where ``metrics.csv``, ``summary.json`` and ``figures/`` go.
         data_range: normalised intensity range of the images.
         hu_window: (lo, hi) HU of the normalised range for CT targets, else ``None``.
-        beta, attention_norm, attention_floor: the run's attention settings, for the F panel of the figures.
+        beta, attention_norm, attention_floor: the run's attention settings, for the F panel of the figures (the
+            first two are required with ``figures``; the bundle passes its options).
         figures: write one PNG per subject.
         overwrite: replace existing ``metrics.csv``/``summary.json``.
     """
 
     def __init__(self, output_dir: str, data_range: float = 1.0, hu_window: Sequence[float] | None = None,
-                 beta: float = 2.0, figures: bool = True, overwrite: bool = False, source_key: str = "source",
-                 label_key: str = "label", mask_key: str = "mask", attention_norm: str = "none",
+                 beta: float | None = None, figures: bool = True, overwrite: bool = False, source_key: str = "source",
+                 label_key: str = "label", mask_key: str = "mask", attention_norm: str | None = None,
                  attention_floor: float = 0.0) -> None:
+        if figures and (beta is None or attention_norm is None):
+            raise ValueError("figures need the run's beta and attention_norm (for the F panel); the bundle passes "
+                             "@beta and @attention_norm.")
         self.output_dir = Path(output_dir)
         self.attention_norm, self.attention_floor = attention_norm, float(attention_floor)
         self.data_range, self.hu_window, self.beta, self.figures = data_range, hu_window, beta, figures

@@ -1,4 +1,5 @@
-"""Floor 2: the options: the validated training options object, command-line checks, the bundle's paths.
+"""Floor 2: the options: the validated training options object, command-line checks, the bundle's paths, and the bundle's
+options (train.json's values) for the Python API.
 
 A module here imports only from this group and the groups below it:
 utils, losses.
@@ -6,6 +7,6 @@ utils, losses.
 
 from __future__ import annotations
 
-from . import hyperparameters, options, paths
+from . import bundle_options, hyperparameters, options, paths
 
-__all__ = ['hyperparameters', 'options', 'paths']
+__all__ = ['bundle_options', 'hyperparameters', 'options', 'paths']

@@ -1,8 +1,8 @@
 """The training options of the bundle, as one validated object (issue 20, item 1).
 
-:class:`TrainingOptions` is the single source of every training option's default, type and allowed range or choice:
-the trainer's keyword defaults are its defaults (:class:`custom_components.engines.trainer.DualAttentionTrainer`'s signature
-reads them from here), the trainer validates its options through it, ``validate_hyperparameters`` (train.json's
+:class:`TrainingOptions` is the single source of every training option's type and allowed range or choice; each
+option's one default is its top-level id in ``train.json`` (none is restated in Python, see the class). The trainer
+(:class:`custom_components.engines.trainer.DualAttentionTrainer`) validates its options through it, ``validate_hyperparameters`` (train.json's
 ``check_options``) builds it from train.json's ``run_options`` (the options written to ``run_config.json`` and sent
 to MLflow), and the command-line check takes its rules for training options from it
 (:data:`custom_components.config.options.OPTION_RULES`). Unknown keys are refused, naming the closest option. The run
@@ -167,9 +167,9 @@ def _option(default: Any, rule: Rule | None = None, convert: Callable[[Any, str]
     return dataclasses.field(default=default, metadata={"rule": rule, "convert": convert, "trainer": trainer})
 
 
-def _trainer(default: Any, rule: Rule, convert: Callable[[Any, str], Any] | None = None) -> Any:
-    """A field of :class:`TrainingOptions` that is also a keyword argument of the trainer."""
-    return _option(default, rule, convert, trainer=True)
+def _trainer(rule: Rule, convert: Callable[[Any, str], Any] | None = None) -> Any:
+    """A field of :class:`TrainingOptions` that is also a keyword argument of the trainer (its default: train.json's)."""
+    return _option(CONFIG_VALUE, rule, convert, trainer=True)
 
 
 def _to_float(value: Any, _: str) -> float:
@@ -187,16 +187,13 @@ def _to_enum(enum: type[StrEnum]) -> Callable[[Any, str], StrEnum]:
 class TrainingOptions:
     """Every training option with its default, type and allowed range or choice, checked when the object is built.
 
-    **Defaults.** Each option has one default, written once. For the options of the trainer (:data:`TRAINER_OPTIONS`)
-    it is the field's default here, which is the keyword default of
-    :class:`custom_components.engines.trainer.DualAttentionTrainer` (its signature reads it from this class): the
-    paper's method for a user of the Python API (``variant="dual_attention"``, ``lambda_adv_global=0.01``,
-    ``gp_interval=1``, no warm-up, ``attention_norm="none"``, ...). The bundle's ``train.json`` keeps every option as a
-    top-level id (the model-zoo convention) and sets the bundle's recipe there, which a run then uses (e.g.
-    ``variant "error_weighted"``, ``lambda_adv_global 0.001``, ``gp_interval 4``, warm-ups from the start
-    fractions). The options only the config consumes (data, optimisers, networks, schedule) have no default here:
-    their one default is train.json's value, and a field built without it holds :data:`CONFIG_VALUE` (left out of
-    :meth:`as_dict` and of the checks).
+    **Defaults.** Each option has one default, written once: the value of its top-level id in the bundle's
+    ``train.json`` (the model-zoo convention: the hyperparameters on top, where users read and override them). No
+    value is restated here: a field built without its value holds :data:`CONFIG_VALUE` (left out of :meth:`as_dict`
+    and of the checks), and the Python components that take a method hyperparameter (the trainer, the phase
+    schedule, the error-weighted sampling) take it without a default. A user of the Python API gets the bundle's
+    values from :func:`custom_components.config.bundle_options.bundle_options` (``overlays=["paper.json"]`` for the
+    paper's method) and the trainer's keyword arguments from :meth:`trainer_kwargs`.
 
     **Checks.** Building the object (``TrainingOptions(...)`` or :meth:`from_mapping`) checks every field's value
     against its :class:`Rule` and raises a ``ValueError`` naming the option, the value found and what was expected;
@@ -206,29 +203,27 @@ class TrainingOptions:
     """
 
     # options of the trainer (DualAttentionTrainer's keyword arguments)
-    variant: Variant = _trainer(Variant.DUAL_ATTENTION, _choice(Variant), _to_enum(Variant))
-    beta: float = _trainer(2.0, _NON_NEGATIVE, _to_float)
-    p: int = _trainer(1, Rule(lambda v: _is_int(v) and v in (1, 2), "1 or 2"))
-    lambda_gp: float = _trainer(10.0, _NON_NEGATIVE, _to_float)
-    lambda_adv_global: float = _trainer(0.01, _NON_NEGATIVE, _to_float)
-    lambda_adv_local: float = _trainer(0.05, _NON_NEGATIVE, _to_float)
-    n_critic: int = _trainer(1, _POSITIVE_INT)
-    attention_warmup: int | None = _trainer(0, _warmup("attention_start"))
-    attention_norm: AttentionNorm = _trainer(AttentionNorm.NONE, _choice(AttentionNorm), _to_enum(AttentionNorm))
-    attention_floor: float = _trainer(0.0, _FRACTION, _to_float)
-    adversarial_warmup: int | None = _trainer(0, _warmup("adversarial_start"))
-    local_conditional: bool = _trainer(False, _FLAG, as_flag)
-    fresh_batches: FreshBatches = _trainer(FreshBatches.NONE, _choice(FreshBatches), _to_enum(FreshBatches))
-    attention_source: AttentionSource = _trainer(AttentionSource.CONFIDENCE, _choice(AttentionSource),
-                                                _to_enum(AttentionSource))
-    local_target: LocalTarget = _trainer(LocalTarget.BINARY, _choice(LocalTarget), _to_enum(LocalTarget))
-    n_local: int = _trainer(1, _POSITIVE_INT)
-    local_mix_cell: int = _trainer(16, Rule(_POSITIVE_INT.test, "an integer >= 1 (voxels)"))
-    attention_smoothing: float = _trainer(0.0, Rule(_NON_NEGATIVE.test, "a number >= 0 (voxels)"), _to_float)
-    local_ema: float = _trainer(0.0, Rule(lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1) (0 = off)"),
-                               _to_float)
-    precision: str = _trainer("fp32", Rule(lambda v: v in PRECISIONS, f"one of {list(PRECISIONS)}"))
-    gp_interval: int = _trainer(1, _POSITIVE_INT)
+    variant: Variant = _trainer(_choice(Variant), _to_enum(Variant))
+    beta: float = _trainer(_NON_NEGATIVE, _to_float)
+    p: int = _trainer(Rule(lambda v: _is_int(v) and v in (1, 2), "1 or 2"))
+    lambda_gp: float = _trainer(_NON_NEGATIVE, _to_float)
+    lambda_adv_global: float = _trainer(_NON_NEGATIVE, _to_float)
+    lambda_adv_local: float = _trainer(_NON_NEGATIVE, _to_float)
+    n_critic: int = _trainer(_POSITIVE_INT)
+    attention_warmup: int | None = _trainer(_warmup("attention_start"))
+    attention_norm: AttentionNorm = _trainer(_choice(AttentionNorm), _to_enum(AttentionNorm))
+    attention_floor: float = _trainer(_FRACTION, _to_float)
+    adversarial_warmup: int | None = _trainer(_warmup("adversarial_start"))
+    local_conditional: bool = _trainer(_FLAG, as_flag)
+    fresh_batches: FreshBatches = _trainer(_choice(FreshBatches), _to_enum(FreshBatches))
+    attention_source: AttentionSource = _trainer(_choice(AttentionSource), _to_enum(AttentionSource))
+    local_target: LocalTarget = _trainer(_choice(LocalTarget), _to_enum(LocalTarget))
+    n_local: int = _trainer(_POSITIVE_INT)
+    local_mix_cell: int = _trainer(Rule(_POSITIVE_INT.test, "an integer >= 1 (voxels)"))
+    attention_smoothing: float = _trainer(Rule(_NON_NEGATIVE.test, "a number >= 0 (voxels)"), _to_float)
+    local_ema: float = _trainer(Rule(lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1) (0 = off)"), _to_float)
+    precision: str = _trainer(Rule(lambda v: v in PRECISIONS, f"one of {list(PRECISIONS)}"))
+    gp_interval: int = _trainer(_POSITIVE_INT)
 
     # options the config consumes: their one default is train.json's value (CONFIG_VALUE here)
     epochs: int = _option(CONFIG_VALUE, _POSITIVE_INT)
@@ -305,7 +300,7 @@ class TrainingOptions:
     def from_mapping(cls, mapping: Mapping[str, Any]) -> TrainingOptions:
         """The options of ``mapping`` (e.g. train.json's ``run_options``, or a trainer's keyword arguments), checked.
 
-        Missing options take their default. A key that is not an option raises a ``ValueError`` naming it, its value
+        Missing options hold :data:`CONFIG_VALUE` (their default is train.json's). A key that is not an option raises a ``ValueError`` naming it, its value
         and the closest option (a mistyped option is never dropped silently); so does a bad value.
         """
         names = cls.names()
@@ -318,6 +313,16 @@ class TrainingOptions:
             raise ValueError("; ".join(f"{k!r} (value {mapping[k]!r}) is not a training option: {closest(k)}"
                                        for k in unknown) + f" (expected one of the fields of {cls.__name__}).")
         return cls(**mapping)
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """The trainer's options (:data:`TRAINER_OPTIONS`) as keyword arguments of
+        :class:`custom_components.engines.trainer.DualAttentionTrainer`; a ``ValueError`` naming those left to
+        train.json (build the options with ``bundle_options()`` to have them all)."""
+        missing = [name for name in TRAINER_OPTIONS if getattr(self, name) is CONFIG_VALUE]
+        if missing:
+            raise ValueError(f"the trainer needs {', '.join(missing)}: give them, or take the bundle's values with "
+                             "custom_components.bundle_options().")
+        return {name: getattr(self, name) for name in TRAINER_OPTIONS}
 
     def as_dict(self) -> dict[str, Any]:
         """The options as a plain dict (enums as their values), e.g. for a record or a tracker; options left to

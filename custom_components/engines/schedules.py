@@ -35,7 +35,7 @@ class IterationLrSchedule:
         min_factor: final rate as a fraction of the base rate.
     """
 
-    def __init__(self, optimizers: Sequence[Optimizer | None], schedule: LrSchedule | str = LrSchedule.COSINE,
+    def __init__(self, optimizers: Sequence[Optimizer | None], schedule: LrSchedule | str,
                  start: int = 0, min_factor: float = 0.0) -> None:
         self.schedule = LrSchedule(schedule)
         if not 0.0 <= min_factor <= 1.0:
@@ -157,10 +157,10 @@ class PhaseSchedule:
         logger_name: logger of :meth:`attach`.
     """
 
-    def __init__(self, epochs: int, iterations_per_epoch: int, variant: str = "dual_attention",
-                 adversarial_start: float = 0.8, attention_start: float = 0.82,
-                 adversarial_iterations: int | None = None, attention_iterations: int | None = None,
-                 val_interval: int = 1, select_after_warmup: bool = True, logger_name: str = "training") -> None:
+    def __init__(self, epochs: int, iterations_per_epoch: int, variant: str, *, adversarial_start: float,
+                 attention_start: float, adversarial_iterations: int | None = None,
+                 attention_iterations: int | None = None, val_interval: int = 1, select_after_warmup: bool,
+                 logger_name: str = "training") -> None:
         for name, value in (("epochs", epochs), ("iterations_per_epoch", iterations_per_epoch),
                             ("val_interval", val_interval)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

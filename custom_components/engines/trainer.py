@@ -48,7 +48,7 @@ def validate_hyperparameters(**options: Any) -> TrainingOptions:
 
     A thin wrapper of :meth:`TrainingOptions.from_mapping`: a bad value raises a ``ValueError`` naming the option,
     the value and what was expected; a key that is not an option is refused, naming the closest one (it is not
-    dropped); a missing option takes its default, the trainer's.
+    dropped); a missing option holds ``CONFIG_VALUE`` (its default is train.json's).
     """
     return TrainingOptions.from_mapping(options)
 
@@ -80,9 +80,12 @@ class DualAttentionTrainer(DualAttentionSteps, Trainer):
     Each update fires one of :class:`~custom_components.engines.events.DualAttentionEvents` (the critic's also two inside
     it), with its values on ``trainer.state``, so that handlers can hook any sub-step.
 
-    The defaults of the training options are those of :class:`custom_components.config.hyperparameters.TrainingOptions`,
-    which checks every value given here (one set of checks, one default per option); the bundle's ``train.json``
-    overrides them with its own. Options beyond the paper (all off by default; ``train.json`` chooses its own):
+    The training options (``variant`` and every keyword-only argument from ``beta`` on, except the networks, the
+    loader plumbing and the guard) have no default here: their one default is the top-level id of the bundle's
+    ``train.json``, which a bundle run passes, and which a Python caller takes with
+    ``**custom_components.bundle_options(...).trainer_kwargs()``. Every value given is checked by
+    :class:`custom_components.config.hyperparameters.TrainingOptions` (one set of checks). Options beyond the paper
+    (the paper's method is ``bundle_options(overlays=["paper.json"])``):
     ``local_conditional`` lets D2 see the source beside the image (a pix2pix-style pair, so a plausible but wrong
     region can be told from a right one), ``attention_norm``/``attention_floor`` reshape F (see
     :func:`custom_components.losses.synthesis.attention_weight`), ``attention_warmup`` delays F until D2 has learned.
@@ -153,37 +156,38 @@ class DualAttentionTrainer(DualAttentionSteps, Trainer):
         train_data_loader: Iterable | DataLoader,
         g_network: torch.nn.Module,
         g_optimizer: Optimizer,
-        variant: Variant | str = TrainingOptions.variant,
+        variant: Variant | str,
         global_critic: torch.nn.Module | None = None,
         global_optimizer: Optimizer | Callable | None = None,
         local_discriminator: torch.nn.Module | None = None,
         local_optimizer: Optimizer | Callable | None = None,
-        beta: float = TrainingOptions.beta,
-        p: int = TrainingOptions.p,
-        lambda_gp: float = TrainingOptions.lambda_gp,
-        lambda_adv_global: float = TrainingOptions.lambda_adv_global,
-        lambda_adv_local: float = TrainingOptions.lambda_adv_local,
-        n_critic: int = TrainingOptions.n_critic,
-        attention_warmup: int = TrainingOptions.attention_warmup,
-        attention_norm: AttentionNorm | str = TrainingOptions.attention_norm,
-        attention_floor: float = TrainingOptions.attention_floor,
-        adversarial_warmup: int = TrainingOptions.adversarial_warmup,
-        local_conditional: bool = TrainingOptions.local_conditional,
-        fresh_batches: FreshBatches | str = TrainingOptions.fresh_batches,
-        attention_source: AttentionSource | str = TrainingOptions.attention_source,
-        local_target: LocalTarget | str = TrainingOptions.local_target,
-        n_local: int = TrainingOptions.n_local,
-        local_mix_cell: int = TrainingOptions.local_mix_cell,
-        attention_smoothing: float = TrainingOptions.attention_smoothing,
-        local_ema: float = TrainingOptions.local_ema,
+        *,
+        beta: float,
+        p: int,
+        lambda_gp: float,
+        lambda_adv_global: float,
+        lambda_adv_local: float,
+        n_critic: int,
+        attention_warmup: int,
+        attention_norm: AttentionNorm | str,
+        attention_floor: float,
+        adversarial_warmup: int,
+        local_conditional: bool,
+        fresh_batches: FreshBatches | str,
+        attention_source: AttentionSource | str,
+        local_target: LocalTarget | str,
+        n_local: int,
+        local_mix_cell: int,
+        attention_smoothing: float,
+        local_ema: float,
         error_predictor: torch.nn.Module | None = None,
         error_optimizer: Optimizer | Callable | None = None,
         epoch_length: int | None = None,
         non_blocking: bool = False,
         prepare_batch: Callable = default_prepare_batch,
         train_handlers: Sequence | None = None,
-        precision: str = TrainingOptions.precision,
-        gp_interval: int = TrainingOptions.gp_interval,
+        precision: str,
+        gp_interval: int,
         stop_on_nonfinite: bool = True,
         optim_set_to_none: bool = True,
         to_kwargs: dict | None = None,

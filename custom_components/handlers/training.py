@@ -94,8 +94,8 @@ class ErrorWeightedSampling:
         source_key, target_key, weight_key: keys in the cached items.
     """
 
-    def __init__(self, dataset, network: torch.nn.Module, inferer: Callable, interval: int = 5,
-                 error_weight: float = 4.0, source_key: str = "source", target_key: str = "target",
+    def __init__(self, dataset, network: torch.nn.Module, inferer: Callable, interval: int,
+                 error_weight: float, source_key: str = "source", target_key: str = "target",
                  weight_key: str = "sampling_weight") -> None:
         if interval < 1:
             raise ValueError(f"interval must be >= 1, got {interval!r}.")

@@ -119,7 +119,7 @@ class WholeSliceInferer(SliceInferer):
         return convert_to_dst_type(y, inputs, device=out_device)[0] if isinstance(inputs, MetaTensor) else y
 
 
-def slice_inferer(mode: SliceMode | str = SliceMode.WHOLE, roi_size: Sequence[int] = (96, 96), sw_batch_size: int = 16,
+def slice_inferer(mode: SliceMode | str = SliceMode.WHOLE, roi_size: Sequence[int] | None = None, sw_batch_size: int = 16,
                   divisor: int = 8, network_strides: Sequence | None = None, overlap: float = 0.25,
                   blend_mode: str = "gaussian", spatial_dim: int = 2) -> SliceInferer:
     """The 2D inferer selected by ``mode`` (meant for bundle configs).
@@ -127,7 +127,7 @@ def slice_inferer(mode: SliceMode | str = SliceMode.WHOLE, roi_size: Sequence[in
     Args:
         mode: ``"whole"`` (:class:`WholeSliceInferer`, the default) or ``"window"`` (MONAI ``SliceInferer`` with
             overlapping ``roi_size`` windows, for slices too large for memory).
-        roi_size: window size of ``"window"`` mode.
+        roi_size: window size of ``"window"`` mode (the bundle passes its ``patch_size``; required in that mode).
         sw_batch_size: slices (whole) or windows (window) per network call.
         divisor: padding multiple of ``"whole"`` mode; 8 suits the bundle's local discriminator, which shares the
             inferer for the confidence map.
@@ -144,5 +144,7 @@ def slice_inferer(mode: SliceMode | str = SliceMode.WHOLE, roi_size: Sequence[in
         if network_strides is not None:
             divisor = math.lcm(int(divisor), stride_product(network_strides))
         return WholeSliceInferer(sw_batch_size=sw_batch_size, divisor=divisor, spatial_dim=spatial_dim)
+    if roi_size is None:
+        raise ValueError("mode 'window' needs roi_size, the window size (the bundle passes its patch_size).")
     return SliceInferer(spatial_dim=spatial_dim, roi_size=list(roi_size), sw_batch_size=sw_batch_size,
                         overlap=overlap, mode=blend_mode)

@@ -200,7 +200,7 @@ def test_error_weighted_sampling_updates_the_kept_weight_maps(tmp_path):
                             cache_dir=tmp_path / "cache")
     assert all("sampling_weight" in item for item in ds._cache)
     net = torch.nn.Conv3d(1, 1, 1)
-    ErrorWeightedSampling(ds, net, SimpleInferer(), interval=1)()
+    ErrorWeightedSampling(ds, net, SimpleInferer(), interval=1, error_weight=4.0)()
     item = ds._cache[0]
     assert item["sampling_table"]["weight"] is not item["sampling_weight"]  # replaced: the crop falls back to it
     assert not torch.equal(item["sampling_weight"], item["sampling_weight_base"])

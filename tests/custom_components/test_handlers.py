@@ -110,11 +110,11 @@ def test_error_weighted_sampling_moves_weight_to_wrong_regions():
     ds = CacheDataset([item], transform=None, progress=False)
     net = torch.nn.Conv3d(1, 1, 1, bias=False)
     torch.nn.init.zeros_(net.weight)
-    ErrorWeightedSampling(ds, net, SimpleInferer(), error_weight=4.0)()
+    ErrorWeightedSampling(ds, net, SimpleInferer(), interval=5, error_weight=4.0)()
     w = ds._cache[0]["sampling_weight"]
     # mean error in the foreground is 1/4, so a wrong voxel gets 1 + 4 * 1 / 0.25 = 17, a right one stays 1
     assert torch.allclose(w[:, :2], torch.full_like(w[:, :2], 17.0)) and torch.equal(w[:, 2:], torch.ones_like(w[:, 2:]))
     with pytest.raises(ValueError, match="error_weight"):
-        ErrorWeightedSampling(ds, net, SimpleInferer(), error_weight=0)
+        ErrorWeightedSampling(ds, net, SimpleInferer(), interval=5, error_weight=0)
     with pytest.raises(TypeError, match="CacheDataset"):
-        ErrorWeightedSampling([item], net, SimpleInferer())
+        ErrorWeightedSampling([item], net, SimpleInferer(), interval=5, error_weight=4.0)

@@ -18,9 +18,11 @@ from monai.networks.nets import UNet
 
 from custom_components import DualAttentionTrainer, TrainingOptions, Variant, validate_hyperparameters
 from custom_components.utils.errors import project_error
-from custom_components.config.hyperparameters import TRAINER_OPTIONS, FreshBatches, LocalTarget, check_overrides
+from custom_components.config.hyperparameters import (CONFIG_VALUE, TRAINER_OPTIONS, FreshBatches, LocalTarget,
+                                                      check_overrides)
 from custom_components.losses.synthesis import AttentionNorm, AttentionSource
 from custom_components.config.options import OPTION_RULES
+from unit_options import trainer_options
 
 CONFIGS = Path(__file__).resolve().parents[2] / "bundle" / "configs"
 
@@ -53,7 +55,8 @@ CHECKED_WHERE_USED = {"datalist", "lr_schedule", "adversarial_start", "attention
 
 def _tiny_trainer(**options):
     g = UNet(2, 1, 1, (4, 8), (2,), num_res_units=0)
-    return DualAttentionTrainer("cpu", 1, [], g, torch.optim.Adam(g.parameters()), **{"variant": "unet", **options})
+    return DualAttentionTrainer("cpu", 1, [], g, torch.optim.Adam(g.parameters()),
+                                **trainer_options(**{"variant": "unet", **options}))
 
 
 def test_every_checked_option_has_bad_values_in_this_test():
@@ -77,16 +80,19 @@ def test_the_trainer_refuses_every_bad_value_of_its_options_naming_the_option(na
         _tiny_trainer(**{name: value})
 
 
-def test_the_trainer_defaults_are_the_options_defaults():
-    """One default per option: the trainer's keyword default of every training option is the dataclass's."""
+def test_the_trainer_takes_its_options_without_a_default_of_its_own():
+    """One default per option, train.json's: the trainer's training options have no keyword default."""
     signature = inspect.signature(DualAttentionTrainer.__init__).parameters
     fields = {f.name: f for f in dataclasses.fields(TrainingOptions)}
     takes = [name for name in signature if name in fields]
     assert takes == list(TRAINER_OPTIONS)  # the fields marked as the trainer's are exactly those it takes
     for name in TRAINER_OPTIONS:
-        default = signature[name].default
-        assert default is not inspect.Parameter.empty, name
-        assert default == fields[name].default and type(default) is type(fields[name].default), name
+        assert signature[name].default is inspect.Parameter.empty, name
+    with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'gp_interval'"):
+        g = UNet(2, 1, 1, (4, 8), (2,), num_res_units=0)
+        options = trainer_options(variant="unet")
+        del options["gp_interval"]
+        DualAttentionTrainer("cpu", 1, [], g, torch.optim.Adam(g.parameters()), **options)
 
 
 def test_the_trainer_holds_the_checked_and_converted_values():
@@ -132,7 +138,7 @@ def test_validate_hyperparameters_returns_the_checked_options():
     options = validate_hyperparameters(variant="dual", beta=1, lambda_adv_global=0.001)
     assert isinstance(options, TrainingOptions)
     assert (options.variant, options.beta, options.lambda_adv_global) == (Variant.DUAL, 1.0, 0.001)
-    assert options.gp_interval == TrainingOptions.gp_interval  # a missing option takes its (the trainer's) default
+    assert options.gp_interval is CONFIG_VALUE  # a missing option is left to train.json, its one default
 
 
 def test_values_are_stored_as_their_types():
@@ -173,17 +179,15 @@ def test_run_options_are_exactly_the_options_object():
     assert all(value == f"@{name}" for name, value in run_options.items())  # each the top-level id of its name
 
 
-def test_the_config_options_have_their_one_default_in_train_json():
-    """Issue 20 ("every hyperparameter has exactly one default"): an option only the config consumes restates no value
-    in Python (its field holds CONFIG_VALUE), and train.json defines it at its top level."""
-    from custom_components.config.hyperparameters import CONFIG_VALUE
-
+def test_every_option_has_its_one_default_in_train_json():
+    """Issue 20 ("every hyperparameter has exactly one default"): no option restates a value in Python (its field
+    holds CONFIG_VALUE), the trainer's included, and train.json defines each at its top level."""
     config = _train_json()
     for f in dataclasses.fields(TrainingOptions):
-        if f.name not in TRAINER_OPTIONS:
-            assert f.default is CONFIG_VALUE, f.name
-            assert f.name in config, f.name
+        assert f.default is CONFIG_VALUE, f.name
+        assert f.name in config, f.name
     assert "epochs" not in TrainingOptions(beta=1.0).as_dict()  # left to train.json: not recorded as a marker
+    assert TrainingOptions(beta=1.0).as_dict() == {"beta": 1.0}
 
 
 @pytest.mark.parametrize("overlays", [[], ["paper.json"], ["3d.json"], ["mrct.json"]])
@@ -196,8 +200,8 @@ def test_the_shipped_configs_pass_and_their_values_win(overlays):
         given = parser.get_parsed_content(name)
         assert options.as_dict()[name] == (given if name not in ("local_conditional", "hard_sampling",
                                                                  "select_after_warmup", "error_head") else bool(given))
-    assert options.gp_interval == (1 if overlays == ["paper.json"] else 4)  # not the trainer's default 1
-    assert options.lambda_adv_global == 0.001  # not the trainer's default 0.01
+    assert options.gp_interval == (1 if overlays == ["paper.json"] else 4)  # train.json's 4, paper.json's 1
+    assert options.lambda_adv_global == 0.001
 
 
 def test_a_mistyped_run_option_in_a_config_is_refused():

@@ -7,6 +7,7 @@ import torch
 
 from custom_components import DualAttentionKeys, DualAttentionTrainer, GlobalCritic, LocalDiscriminator
 from custom_components.losses.synthesis import attention_weight, confidence_map
+from unit_options import trainer_options
 from monai.networks.nets import UNet
 
 
@@ -19,7 +20,7 @@ def _make(**kwargs):
     gen = torch.Generator().manual_seed(0)
     batches = [{"image": torch.rand(2, 1, 16, 16, generator=gen), "label": torch.rand(2, 1, 16, 16, generator=gen)}]
     trainer = DualAttentionTrainer("cpu", 1, batches, g, torch.optim.Adam(g.parameters(), lr=1e-3), "dual_attention",
-                                   d1, factory, d2, factory, **kwargs)
+                                   d1, factory, d2, factory, **trainer_options(**kwargs))
     return trainer, d2, batches[0]["image"], batches[0]["label"]
 
 

@@ -8,6 +8,7 @@ from ignite.engine import Events
 from monai.networks.nets import UNet
 
 from custom_components import DualAttentionTrainer, GlobalCritic, LocalDiscriminator
+from unit_options import trainer_options
 
 
 def _trainer(max_epochs=2):
@@ -20,7 +21,7 @@ def _trainer(max_epochs=2):
     batches = [{"image": torch.rand(2, 1, 16, 16, generator=gen), "label": torch.rand(2, 1, 16, 16, generator=gen)}
                for _ in range(2)]
     trainer = DualAttentionTrainer("cpu", max_epochs, batches, g, torch.optim.Adam(g.parameters(), lr=1e-3),
-                                   "dual_attention", d1, factory, d2, factory)
+                                   "dual_attention", d1, factory, d2, factory, **trainer_options())
     return trainer, g, d1, d2
 
 

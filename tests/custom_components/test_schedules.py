@@ -86,7 +86,18 @@ def test_the_delay_does_not_depend_on_the_networks():
 
 
 # --------------------------------------------------------------------------- PhaseSchedule: phases follow the data
+from custom_components import bundle_options  # noqa: E402
 from custom_components.engines.schedules import PhaseSchedule, check_selection_metric, iterations_per_epoch  # noqa: E402
+
+#: the schedule's options as the bundle sets them: their one default, train.json's (PhaseSchedule restates none)
+BUNDLE = bundle_options()
+
+
+def _schedule(epochs, iterations, variant, **kwargs):
+    """A PhaseSchedule with train.json's start fractions and model-selection switch, unless ``kwargs`` set them."""
+    defaults = {"adversarial_start": BUNDLE.adversarial_start, "attention_start": BUNDLE.attention_start,
+                "select_after_warmup": BUNDLE.select_after_warmup}
+    return PhaseSchedule(epochs, iterations, variant, **{**defaults, **kwargs})
 
 
 @pytest.mark.parametrize("n, batch, world, expected", [(16, 2, 1, 8), (12, 2, 1, 6), (1251, 2, 1, 626), (2, 2, 1, 1),
@@ -98,8 +109,9 @@ def test_iterations_per_epoch_follow_subjects_batch_and_ranks(n, batch, world, e
 @pytest.mark.parametrize("n_train", [2, 12, 16, 200, 1251])
 def test_default_fractions_give_every_data_set_size_the_same_phases(n_train):
     """The fixed 1920-iteration warm-up left a 12-subject set a silent UNet; fractions give each size the same run."""
-    s = PhaseSchedule(300, iterations_per_epoch(n_train, 2), "dual_attention", val_interval=5)
-    assert s.adversarial_warmup == math.floor(0.8 * s.total + 1e-9)  # 80 % of the run plain L1, whatever the size
+    s = _schedule(300, iterations_per_epoch(n_train, 2), "dual_attention", val_interval=5)
+    assert BUNDLE.adversarial_start == 0.8  # train.json's: 80 % of the run plain L1, whatever the size
+    assert s.adversarial_warmup == math.floor(BUNDLE.adversarial_start * s.total + 1e-9)
     assert s.adversarial_warmup < s.attention_begins_after < s.total
     assert s.selection_begins_after == s.attention_begins_after
     text = s.describe()
@@ -108,7 +120,7 @@ def test_default_fractions_give_every_data_set_size_the_same_phases(n_train):
 
 
 def test_the_users_12_subject_100_epoch_run_trains_its_discriminators():
-    s = PhaseSchedule(100, iterations_per_epoch(12, 2), "dual_attention", val_interval=5)  # 6 iterations per epoch
+    s = _schedule(100, iterations_per_epoch(12, 2), "dual_attention", val_interval=5)  # 6 iterations per epoch
     assert s.adversarial_warmup == 480 and s.total == 600 and s.attention_begins_after == 492
 
 
@@ -123,26 +135,26 @@ def test_the_users_12_subject_100_epoch_run_trains_its_discriminators():
 ])
 def test_a_schedule_that_never_reaches_its_phases_is_refused_with_the_numbers(kwargs, message):
     with pytest.raises(ValueError, match=message) as err:
-        PhaseSchedule(6, iterations_per_epoch(12, 2), "dual_attention", **kwargs)
+        _schedule(6, iterations_per_epoch(12, 2), "dual_attention", **kwargs)
     if "never" in message:
         assert "6 epochs x 6 iterations = 36 iterations" in str(err.value)
 
 
 def test_unet_has_no_phases_and_validates_from_the_start():
-    s = PhaseSchedule(2, 1, "unet", adversarial_start=0.99, attention_start=0.99)
+    s = _schedule(2, 1, "unet", adversarial_start=0.99, attention_start=0.99)
     assert s.selection_begins_after == 0
-    assert PhaseSchedule(4, 2, "error_weighted").selection_begins_after == 6
+    assert _schedule(4, 2, "error_weighted").selection_begins_after == 6
 
 
 def test_explicit_iterations_override_the_fractions_and_selection_can_start_at_once():
-    s = PhaseSchedule(10, 4, "dual", adversarial_iterations=0, attention_iterations=3, select_after_warmup=False)
+    s = _schedule(10, 4, "dual", adversarial_iterations=0, attention_iterations=3, select_after_warmup=False)
     assert (s.adversarial_warmup, s.attention_warmup, s.selection_begins_after) == (0, 3, 0)
 
 
 def test_the_trainer_must_run_the_epochs_the_schedule_was_resolved_for():
     from ignite.engine import Engine
 
-    s = PhaseSchedule(3, 4, "dual_attention")
+    s = _schedule(3, 4, "dual_attention")
     engine = Engine(lambda e, b: None)
     s.attach(engine)
     with pytest.raises(ValueError, match="resolved for 3 x 4"):

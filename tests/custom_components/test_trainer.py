@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 
 import pytest
@@ -22,7 +21,7 @@ from custom_components import (
 )
 from custom_components.engines.events import DualAttentionEvents
 from custom_components.handlers.training import image_panels, loss_terms
-from custom_components.config.hyperparameters import TRAINER_OPTIONS
+from unit_options import trainer_options
 
 
 #: the networks each variant trains, written out from the paper (section 3.1-3.2) rather than computed from
@@ -52,7 +51,7 @@ def _make(variant, spatial_dims=2, max_epochs=1, **kwargs):
     factory = lambda params: torch.optim.Adam(params, lr=1e-3)  # noqa: E731
     trainer = DualAttentionTrainer(
         "cpu", max_epochs, _batches(spatial_dims), g, torch.optim.Adam(g.parameters(), lr=1e-3), variant,
-        d1, factory, d2, factory, **kwargs,
+        d1, factory, d2, factory, **trainer_options(**kwargs),
     )
     return trainer, g, d1, d2
 
@@ -156,14 +155,14 @@ def test_variant_and_network_mismatch_errors():
     g = UNet(2, 1, 1, (4, 8), (2,), num_res_units=0)
     opt = torch.optim.Adam(g.parameters())
     with pytest.raises(ValueError, match="variant must be one of"):
-        DualAttentionTrainer("cpu", 1, [], g, opt, "triple")
+        DualAttentionTrainer("cpu", 1, [], g, opt, "triple", **trainer_options())
     with pytest.raises(ValueError, match="needs global_critic"):
-        DualAttentionTrainer("cpu", 1, [], g, opt, "global")
+        DualAttentionTrainer("cpu", 1, [], g, opt, "global", **trainer_options())
     with pytest.raises(ValueError, match="does not use local_discriminator"):
         DualAttentionTrainer("cpu", 1, [], g, opt, "unet", local_discriminator=LocalDiscriminator(),
-                             local_optimizer=torch.optim.Adam)
+                             local_optimizer=torch.optim.Adam, **trainer_options())
     with pytest.raises(ValueError, match="beta"):
-        DualAttentionTrainer("cpu", 1, [], g, opt, "unet", beta=-0.5)
+        DualAttentionTrainer("cpu", 1, [], g, opt, "unet", **trainer_options(beta=-0.5))
 
 
 @pytest.mark.parametrize("kwargs,name", [
@@ -171,20 +170,14 @@ def test_variant_and_network_mismatch_errors():
     ({"n_critic": 0}, "n_critic"), ({"attention_warmup": -2}, "attention_warmup"), ({"attention_norm": "max"}, "attention_norm"),
 ])
 def test_validate_hyperparameters_names_the_option(kwargs, name):
-    validate_hyperparameters(**_trainer_defaults())  # the trainer's defaults are valid
+    validate_hyperparameters(**trainer_options(variant="dual_attention"))  # the unit tests' options are valid
     with pytest.raises(ValueError, match=name):
-        validate_hyperparameters(**{**_trainer_defaults(), **kwargs})
-
-
-def _trainer_defaults() -> dict:
-    """The defaults of the trainer's signature for its training options (those of TrainingOptions)."""
-    trainer = inspect.signature(DualAttentionTrainer).parameters
-    return {name: trainer[name].default for name in TRAINER_OPTIONS}
+        validate_hyperparameters(**trainer_options(**{"variant": "dual_attention", **kwargs}))
 
 
 def test_validate_hyperparameters_refuses_a_mistyped_option_instead_of_dropping_it():
     with pytest.raises(ValueError, match=r"'lamda_gp' \(value 5\) is not a training option: did you mean 'lambda_gp'"):
-        validate_hyperparameters(**_trainer_defaults(), lamda_gp=5)
+        validate_hyperparameters(**trainer_options(variant="dual_attention"), lamda_gp=5)
 
 
 def test_bf16_autocast_trains_all_networks_on_cpu():
@@ -381,7 +374,7 @@ def test_conditional_local_discriminator_sees_source_then_image():
     d2.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach().clone()))
     factory = lambda params: torch.optim.Adam(params, lr=1e-3)  # noqa: E731
     trainer = DualAttentionTrainer("cpu", 1, _batches(2), g, torch.optim.Adam(g.parameters(), lr=1e-3), "local",
-                                   None, None, d2, factory, local_conditional=True)
+                                   None, None, d2, factory, **trainer_options(local_conditional=True))
     source, target = _fixed_batch()
     fake = g(source).detach()
     trainer.local_step(source, target, fake)
