@@ -142,8 +142,7 @@ def _warmup(start: str) -> Rule:
 
 
 class _ConfigValue:
-    """The default of an option the config consumes: the value of its top-level id in ``train.json``, written there
-    only (so no value is restated here); a ``TrainingOptions`` built without it holds this marker."""
+    """An option's default: its top-level id in ``train.json`` (a ``TrainingOptions`` built without it holds this)."""
 
     _instance = None
 
@@ -318,8 +317,7 @@ class TrainingOptions:
         """The trainer's options (:data:`TRAINER_OPTIONS`) as keyword arguments of
         :class:`custom_components.engines.trainer.DualAttentionTrainer`; a ``ValueError`` naming those left to
         train.json (build the options with ``bundle_options()`` to have them all)."""
-        missing = [name for name in TRAINER_OPTIONS if getattr(self, name) is CONFIG_VALUE]
-        if missing:
+        if missing := [name for name in TRAINER_OPTIONS if getattr(self, name) is CONFIG_VALUE]:
             raise ValueError(f"the trainer needs {', '.join(missing)}: give them, or take the bundle's values with "
                              "custom_components.bundle_options().")
         return {name: getattr(self, name) for name in TRAINER_OPTIONS}
