@@ -37,7 +37,7 @@ __all__ = [
     "validate_hyperparameters",
 ]  # the groups are left out: ``import *`` would load them all, the applications included
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 # The groups, from the ground floor up (a module imports only from its group and the groups below it). A group loads
 # on first attribute access, so a config expression such as ``$custom_components.utils.tracking.with_tracking(...)``

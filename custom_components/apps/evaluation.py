@@ -149,7 +149,7 @@ def save_panel(path: str | os.PathLike, source: np.ndarray, pred: np.ndarray, ta
 class SubjectMetricsWriter:
     """Evaluator handler: per-subject metrics to ``metrics.csv``, mean/std to ``summary.json``, optional figures.
 
-    Reads each decollated item of ``engine.state.output`` (``pred``, ``label`` = target, optional ``confidence``)
+    Reads each decollated item of ``engine.state.output`` (``pred``, ``target``, optional ``confidence``)
     and of ``engine.state.batch`` (``source``, tumour ``label``, foreground ``mask``, ``subject``). With a
     confidence map, the rows also hold its quality as an error detector (:func:`~custom_components.metrics.synthesis.confidence_qa`).
 
@@ -195,15 +195,15 @@ class SubjectMetricsWriter:
             subject = b.get("subject") or Path(str(b[self.source_key].meta.get("filename_or_obj", "?"))).parent.name
             label, mask = b.get(self.label_key), b.get(self.mask_key)
             row = {"subject": subject}
-            row.update(subject_metrics(o["pred"], o["label"], mask, label, self.data_range, self.hu_window))
+            row.update(subject_metrics(o["pred"], o["target"], mask, label, self.data_range, self.hu_window))
             if o.get("confidence") is not None:  # the QA map offered at inference: does it point at the errors?
-                row.update(confidence_qa(o["confidence"], o["pred"], o["label"], mask, label,
+                row.update(confidence_qa(o["confidence"], o["pred"], o["target"], mask, label,
                                          data_range=self.data_range))
             self.rows.append(row)
             if self.figures:
                 arr = lambda x: None if x is None else torch.as_tensor(x).detach().cpu().float().numpy()[0]  # noqa: E731
                 save_panel(self.output_dir / "figures" / f"{subject}.png", arr(b[self.source_key]),
-                           np.clip(arr(o["pred"]), 0, self.data_range), arr(o["label"]), arr(o.get("confidence")),
+                           np.clip(arr(o["pred"]), 0, self.data_range), arr(o["target"]), arr(o.get("confidence")),
                            self.beta, arr(label), arr(mask), title=str(subject), attention_norm=self.attention_norm,
                            attention_floor=self.attention_floor)
 

@@ -52,7 +52,12 @@ EVENT_TO_ATTR = {
 
 
 class DualAttentionKeys(StrEnum):
-    """Keys of the trainer's per-iteration output dict. Loss terms are plain floats; images are tensors."""
+    """Keys of the trainer's per-iteration output dict (and of the evaluators', :mod:`custom_components.engines.evaluator`).
+    Loss terms are plain floats; images are tensors.
+
+    The images have the names the batch gives them (``source``, ``target``): the word ``label`` means one thing in the
+    bundle, the tumour labels of the batch and the datalist, never the target image (as MONAI's ``CommonKeys.LABEL``
+    would have it in an engine's output)."""
 
     LOSS = "loss"  # L_G, Eq. 7
     RECON = "loss_recon"  # L_AttG (Eq. 6), or plain L1/L2 (Eq. 1) without attention
@@ -65,8 +70,8 @@ class DualAttentionKeys(StrEnum):
     ERROR_HEAD = "loss_error_head"  # L1 of the error-prediction head against the detached |Y - G(X)|
     CONFIDENCE_MEAN = "confidence_mean"  # mean of M over G(X)
     ATTENTION_MEAN = "attention_mean"  # mean of F actually applied (1 without attention)
-    IMAGE = CommonKeys.IMAGE  # source X
-    LABEL = CommonKeys.LABEL  # target Y
+    SOURCE = "source"  # source X
+    TARGET = "target"  # target Y
     PRED = CommonKeys.PRED  # G(X)
     CONFIDENCE = "confidence"  # M
 

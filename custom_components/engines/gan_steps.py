@@ -232,7 +232,7 @@ class DualAttentionSteps:
         out[keys.RECON] = loss_recon.item()
         out[keys.LOSS] = loss_g.item()
         out[keys.ATTENTION_MEAN] = 1.0 if weight is None else weight.mean().item()
-        out[keys.IMAGE], out[keys.LABEL], out[keys.PRED] = source, target, fake.detach().float()
+        out[keys.SOURCE], out[keys.TARGET], out[keys.PRED] = source, target, fake.detach().float()
         self._completed(DualAttentionEvents.GENERATOR_COMPLETED, out)
         return out
 

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 from monai.engines import Trainer
-from monai.engines.utils import default_prepare_batch
 from torch.optim import Optimizer
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
@@ -23,6 +22,7 @@ from .events import EVENT_TO_ATTR, DualAttentionEvents, DualAttentionKeys
 from .gan_steps import DualAttentionSteps, _unwrap
 from .guards import NonFiniteGuard
 from .penalty import GradientPenaltyHandler
+from ..data.datalist import PrepareSourceTarget
 from ..config.hyperparameters import FreshBatches, LocalTarget, TrainingOptions, Variant
 from ..losses.synthesis import AttentionNorm, AttentionSource, DifficultyAwareLoss
 from .variants import all_variants, uses_attention, uses_global_critic, uses_local_discriminator, variant_spec
@@ -136,7 +136,8 @@ class DualAttentionTrainer(DualAttentionSteps, Trainer):
         error_optimizer: its optimizer, or a factory ``params -> Optimizer``.
         epoch_length: iterations per epoch, default ``len(train_data_loader)``.
         non_blocking: non-blocking host-to-device copies.
-        prepare_batch: callable ``(batch, device, non_blocking, **kwargs) -> (source, target)``.
+        prepare_batch: callable ``(batch, device, non_blocking, **kwargs) -> (source, target)``; default
+            :class:`custom_components.data.datalist.PrepareSourceTarget` (the batch's ``source`` and ``target``).
         train_handlers: ignite/MONAI handlers to attach.
         precision: ``"fp32"``, ``"bf16"`` (autocast to bfloat16, CPU or CUDA) or ``"fp16"`` (autocast to float16 with
             one ``GradScaler`` per network; CUDA only).
@@ -184,7 +185,7 @@ class DualAttentionTrainer(DualAttentionSteps, Trainer):
         error_optimizer: Optimizer | Callable | None = None,
         epoch_length: int | None = None,
         non_blocking: bool = False,
-        prepare_batch: Callable = default_prepare_batch,
+        prepare_batch: Callable | None = None,
         train_handlers: Sequence | None = None,
         precision: str,
         gp_interval: int,
@@ -223,7 +224,7 @@ class DualAttentionTrainer(DualAttentionSteps, Trainer):
             data_loader=train_data_loader,
             epoch_length=epoch_length,
             non_blocking=non_blocking,
-            prepare_batch=prepare_batch,
+            prepare_batch=PrepareSourceTarget() if prepare_batch is None else prepare_batch,
             handlers=train_handlers,
             amp=False,
             decollate=False,

@@ -257,7 +257,7 @@ class ConfidenceQAMetric(Metric):
         worst_fraction: fraction of foreground voxels counted as the worst errors.
         data_range: intensity range of the images.
         confidence_key: output key of the confidence map M.
-        output_transform: engine output -> list of dicts with ``pred``, ``label`` (the target) and the map.
+        output_transform: engine output -> list of dicts with ``pred``, ``target`` and the map.
         mask_key / label_key: batch keys of the foreground mask and the tumour label.
         prefix: prefix of the metric names.
     """
@@ -279,7 +279,7 @@ class ConfidenceQAMetric(Metric):
             if item.get(self.confidence_key) is None:
                 raise KeyError(f"ConfidenceQAMetric: the evaluator output has no {self.confidence_key!r} entry; add a "
                                "ConfidenceMapd to the post-processing.")
-            self._rows.append(confidence_qa(item[self.confidence_key], item["pred"], item["label"],
+            self._rows.append(confidence_qa(item[self.confidence_key], item["pred"], item["target"],
                                             b.get(self.mask_key), b.get(self.label_key), self.worst_fraction,
                                             self.data_range))
 

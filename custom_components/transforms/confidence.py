@@ -17,8 +17,8 @@ __all__ = ["ConfidenceMapd", "confidence_condition_key"]
 
 def confidence_condition_key(local_conditional: bool | str) -> str | None:
     """The ``condition_key`` of :class:`ConfidenceMapd` for a D2 trained with or without ``local_conditional`` (which
-    may be command-line text): the evaluator output's ``image`` (the source) for a conditional D2, else ``None``."""
-    return "image" if as_flag(local_conditional, "local_conditional") else None
+    may be command-line text): the evaluator output's ``source`` for a conditional D2, else ``None``."""
+    return "source" if as_flag(local_conditional, "local_conditional") else None
 
 
 class ConfidenceMapd(MapTransform):

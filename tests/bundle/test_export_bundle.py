@@ -73,7 +73,8 @@ def source_bundle(tmp_path_factory) -> Path:
 def release(source_bundle, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("release")
     zip_path = Path(export_bundle.export(str(out), bundle_dir=str(source_bundle)))
-    assert zip_path.name == "dual_attention_synthesis_v0.4.0.zip"
+    version = json.loads((Path(source_bundle) / "configs" / "metadata.json").read_text())["version"]
+    assert zip_path.name == f"dual_attention_synthesis_v{version}.zip"
     return zip_path
 
 

@@ -78,7 +78,7 @@ def test_input_root_is_the_datalist_folder_or_the_input_folder(folder, tmp_path,
     assert input_root(folder) == str(folder)
 
 
-@pytest.mark.parametrize("local_conditional, key", [(True, "image"), ("true", "image"), (False, None), ("off", None)])
+@pytest.mark.parametrize("local_conditional, key", [(True, "source"), ("true", "source"), (False, None), ("off", None)])
 def test_a_conditional_local_discriminator_sees_the_source_beside_the_synthetic_image(local_conditional, key):
     assert confidence_condition_key(local_conditional) == key
 
@@ -98,8 +98,8 @@ def test_error_activation_turns_a_predicted_error_into_one_minus_the_error():
 
     head = Head()
     head.p = torch.nn.Parameter(torch.zeros(1))  # a device to run on
-    data = {"pred": torch.rand(1, 8, 8), "image": torch.rand(1, 8, 8)}
-    out = ConfidenceMapd("pred", head, condition_key="image", activation="error")(data)
+    data = {"pred": torch.rand(1, 8, 8), "source": torch.rand(1, 8, 8)}
+    out = ConfidenceMapd("pred", head, condition_key="source", activation="error")(data)
     assert seen == [2] and torch.allclose(out["confidence"], torch.full((1, 8, 8), 0.7))
     sig = ConfidenceMapd("pred", head, activation="sigmoid")(data)
     assert torch.allclose(sig["confidence"], torch.sigmoid(torch.tensor(0.3)).expand(1, 8, 8))
@@ -173,10 +173,10 @@ def _evaluator(items, out, root, fail_on):
     network), whose preprocessing raises for the input named ``fail_on``."""
     import torch
     from monai.data import DataLoader, Dataset
-    from monai.engines import SupervisedEvaluator
     from monai.transforms import Compose, EnsureChannelFirstd, Lambdad, LoadImaged, SaveImaged
 
     from custom_components.data.datalist import PrepareSourceTarget
+    from custom_components.engines.evaluator import SynthesisEvaluator
 
     def check(x):
         if fail_on in str(x.meta["filename_or_obj"]):
@@ -188,8 +188,8 @@ def _evaluator(items, out, root, fail_on):
                                data_root_dir=root, print_log=False,
                                writer="custom_components.apps.writers.AtomicNibabelWriter")])
     loader = DataLoader(Dataset(items, pre), batch_size=1, num_workers=0)
-    return SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=loader, network=torch.nn.Identity(),
-                               prepare_batch=PrepareSourceTarget("source", None), postprocessing=post)
+    return SynthesisEvaluator(device=torch.device("cpu"), val_data_loader=loader, network=torch.nn.Identity(),
+                              prepare_batch=PrepareSourceTarget("source", None), postprocessing=post)
 
 
 def test_each_input_succeeds_or_fails_on_its_own_with_its_own_error(tmp_path):

@@ -18,10 +18,10 @@ def _make(**kwargs):
     d2 = LocalDiscriminator(2, channels=(4, 4, 8, 8))
     factory = lambda params: torch.optim.Adam(params, lr=1e-2)  # noqa: E731
     gen = torch.Generator().manual_seed(0)
-    batches = [{"image": torch.rand(2, 1, 16, 16, generator=gen), "label": torch.rand(2, 1, 16, 16, generator=gen)}]
+    batches = [{"source": torch.rand(2, 1, 16, 16, generator=gen), "target": torch.rand(2, 1, 16, 16, generator=gen)}]
     trainer = DualAttentionTrainer("cpu", 1, batches, g, torch.optim.Adam(g.parameters(), lr=1e-3), "dual_attention",
                                    d1, factory, d2, factory, **trainer_options(**kwargs))
-    return trainer, d2, batches[0]["image"], batches[0]["label"]
+    return trainer, d2, batches[0]["source"], batches[0]["target"]
 
 
 def test_the_average_follows_d2_with_the_decay():

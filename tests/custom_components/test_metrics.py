@@ -84,7 +84,7 @@ def test_bad_inputs_are_named():
 
 def test_metric_averages_volumes_and_names_entries():
     vols = [_volume(s) for s in range(3)]
-    items = [{"pred": p, "label": t, "confidence": 1 - (t - p).abs()} for p, t in vols]
+    items = [{"pred": p, "target": t, "confidence": 1 - (t - p).abs()} for p, t in vols]
     batches = [{"mask": None, "label": None} for _ in vols]
 
     def step(engine, _):
@@ -98,7 +98,7 @@ def test_metric_averages_volumes_and_names_entries():
     engine.run(range(3), max_epochs=1)
     assert set(engine.state.metrics) == {f"val_{k}" for k in QA_KEYS}
     assert engine.state.metrics["val_qa_auroc_worst"] == pytest.approx(1.0)
-    expected = np.mean([confidence_qa(i["confidence"], i["pred"], i["label"])["qa_spearman"] for i in items])
+    expected = np.mean([confidence_qa(i["confidence"], i["pred"], i["target"])["qa_spearman"] for i in items])
     assert engine.state.metrics["val_qa_spearman"] == pytest.approx(expected)
 
 
@@ -107,7 +107,7 @@ def test_metric_without_confidence_map_says_what_to_add():
     metric = ConfidenceQAMetric()
     metric.reset()
     with pytest.raises(KeyError, match="ConfidenceMapd"):
-        metric.update(([{"pred": pred, "label": target}], [{}]))
+        metric.update(([{"pred": pred, "target": target}], [{}]))
 
 
 def test_masked_metrics_match_hand_computation():
@@ -127,12 +127,12 @@ def test_masked_metric_on_engine_averages_non_empty_volumes():
     def step(engine, batch):
         pred, target, label = batch
         engine.state.batch = [{"label": label} if label is not None else {}]
-        return [{"pred": pred, "label": target}]
+        return [{"pred": pred, "target": target}]
 
     engine = Engine(step)
     from monai.handlers import from_engine
 
-    metric = MaskedRegressionMetric("mae", output_transform=from_engine(["pred", "label"]),
+    metric = MaskedRegressionMetric("mae", output_transform=from_engine(["pred", "target"]),
                                     batch_transform=batch_items("label"))
     metric.attach(engine, "mae_tumour")
     engine.run(vols, max_epochs=1)

@@ -18,7 +18,7 @@ def _trainer(max_epochs=2):
     d2 = LocalDiscriminator(2, channels=(4, 4, 8, 8))
     factory = lambda params: torch.optim.Adam(params, lr=1e-3)  # noqa: E731
     gen = torch.Generator().manual_seed(0)
-    batches = [{"image": torch.rand(2, 1, 16, 16, generator=gen), "label": torch.rand(2, 1, 16, 16, generator=gen)}
+    batches = [{"source": torch.rand(2, 1, 16, 16, generator=gen), "target": torch.rand(2, 1, 16, 16, generator=gen)}
                for _ in range(2)]
     trainer = DualAttentionTrainer("cpu", max_epochs, batches, g, torch.optim.Adam(g.parameters(), lr=1e-3),
                                    "dual_attention", d1, factory, d2, factory, **trainer_options())

@@ -39,7 +39,7 @@ NETWORKS = {
 def _batches(spatial_dims: int, n: int = 2, size: int = 16):
     g = torch.Generator().manual_seed(0)
     shape = (2, 1) + (size,) * spatial_dims
-    return [{"image": torch.rand(shape, generator=g), "label": torch.rand(shape, generator=g)} for _ in range(n)]
+    return [{"source": torch.rand(shape, generator=g), "target": torch.rand(shape, generator=g)} for _ in range(n)]
 
 
 def _make(variant, spatial_dims=2, max_epochs=1, **kwargs):
@@ -208,7 +208,7 @@ def test_non_finite_loss_stops_before_updating_and_names_the_term():
     trainer.run()  # one good epoch
     good = [copy.deepcopy(n.state_dict()) for n in (g, d1, d2)]
     bad = _batches(2)
-    bad[0]["label"][0, 0, 0, 0] = float("nan")  # a NaN in the target poisons the critic loss first
+    bad[0]["target"][0, 0, 0, 0] = float("nan")  # a NaN in the target poisons the critic loss first
     trainer.state.max_epochs = 2
     trainer.data_loader = bad
     trainer.set_data(bad)
@@ -397,7 +397,7 @@ def test_fresh_batches_draw_other_minibatches(fresh, draws):
     trainer.next_batch = next_batch
     trainer.run()
     assert len(calls) == draws
-    used = trainer.state.output[DualAttentionKeys.IMAGE]
+    used = trainer.state.output[DualAttentionKeys.SOURCE]
     assert torch.equal(used, other[0]) == (fresh != "none")
 
 
@@ -615,12 +615,12 @@ def test_extra_batches_under_a_distributed_sampler_are_not_the_iterations_own():
     very batch D had just seen."""
     from torch.utils.data import DataLoader, DistributedSampler
 
-    items = [{"image": torch.full((1, 8, 8), float(i)), "label": torch.full((1, 8, 8), float(i))} for i in range(16)]
+    items = [{"source": torch.full((1, 8, 8), float(i)), "target": torch.full((1, 8, 8), float(i))} for i in range(16)]
     sampler = DistributedSampler(items, num_replicas=1, rank=0, shuffle=True, seed=0)
     loader = DataLoader(items, batch_size=2, sampler=sampler)
     trainer, *_ = _make("dual", fresh_batches="generator")
     trainer.data_loader = loader
-    own = [batch["image"][:, 0, 0, 0].tolist() for batch in loader]
+    own = [batch["source"][:, 0, 0, 0].tolist() for batch in loader]
     extra = [trainer.next_batch()[0][:, 0, 0, 0].tolist() for _ in own]
     assert sorted(sum(extra, [])) == list(range(16))  # still every subject once per pass
     assert sum(a == b for a, b in zip(own, extra)) < len(own) // 2
