@@ -299,8 +299,8 @@ class TrainingOptions:
     def from_mapping(cls, mapping: Mapping[str, Any]) -> TrainingOptions:
         """The options of ``mapping`` (e.g. train.json's ``run_options``, or a trainer's keyword arguments), checked.
 
-        Missing options hold :data:`CONFIG_VALUE` (their default is train.json's). A key that is not an option raises a ``ValueError`` naming it, its value
-        and the closest option (a mistyped option is never dropped silently); so does a bad value.
+        Missing options hold :data:`CONFIG_VALUE` (their default is train.json's). A key that is not an option raises a
+        ``ValueError`` naming it, its value and the closest option (never dropped silently); so does a bad value.
         """
         names = cls.names()
         unknown = [k for k in mapping if k not in names]

@@ -20,7 +20,7 @@ from .events import DualAttentionKeys
 
 __all__ = ["SynthesisEvaluator"]
 
-#: MONAI's output key -> the bundle's, as plain strings (MONAI's keys are enum members, hashed by their names)
+#: MONAI's output key -> the bundle's
 _RENAMED = {str(CommonKeys.IMAGE.value): str(DualAttentionKeys.SOURCE.value),
             str(CommonKeys.LABEL.value): str(DualAttentionKeys.TARGET.value)}
 

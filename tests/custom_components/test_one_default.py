@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import pydoc
 import re
 from pathlib import Path
 
@@ -34,13 +35,8 @@ NOT_A_VALUE = {("custom_components.data.datalist.check_splits", "name")}
 
 
 def _component(target: str):
-    """The class or function a config's ``_target_`` names, as MONAI's locator finds it (None for other packages)."""
-    if target.startswith("custom_components."):
-        obj = __import__("custom_components")
-        for part in target.split(".")[1:]:
-            obj = getattr(obj, part)
-        return obj
-    return None
+    """The project's class or function a config's ``_target_`` names (None for other packages)."""
+    return pydoc.locate(target) if target.startswith("custom_components.") else None
 
 
 def _fed_arguments(config: dict):
